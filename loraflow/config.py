@@ -1,0 +1,272 @@
+"""The one validated configuration object of a loraflow run.
+
+A run is described by a YAML file (``configs/demo.yaml`` is the embedded default) that loads
+into :class:`PipelineConfig`. It is validated once, at the entry point (CLI, deployment
+parameter or UI form); every stage then receives only its own sub-config.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.max_steps=10"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message lists every problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelConfig(_Section):
+    """Which pretrained model to fine-tune and where its files are."""
+
+    name: str = Field(
+        description="Human-readable model id recorded in lineage, e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct'."
+    )
+    source: Literal["hf", "gguf"] = Field(
+        "hf",
+        description="'hf': a local Hugging Face model directory; 'gguf': a GGUF file that is "
+        "converted once into a Hugging Face directory under LORAFLOW_HOME.",
+    )
+    path: str = Field(
+        description="Local directory holding the model, or 'pkg:<module>' for the folder of an "
+        "installed Python package (found without importing it). Never a Hub id: loraflow "
+        "does not download at run time."
+    )
+    gguf_file: str | None = Field(
+        None, description="File name of the GGUF checkpoint inside `path` (required when source is 'gguf')."
+    )
+
+    @model_validator(mode="after")
+    def _gguf_needs_file(self) -> BaseModelConfig:
+        if self.source == "gguf" and not self.gguf_file:
+            raise ValueError("base_model.gguf_file is required when base_model.source is 'gguf'")
+        return self
+
+
+class DataConfig(_Section):
+    """The instruction dataset, its contract and the train/eval split."""
+
+    path: str = Field(description="Dataset file (JSONL, JSON, CSV or Parquet); relative paths resolve against the config file.")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
+        "auto", description="File format; 'auto' picks it from the file extension."
+    )
+    contract: str = Field(
+        "instruction_v1", description="Name of the data contract in data_contracts/ the data must pass."
+    )
+    eval_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Share of rows held out for evaluation (deterministic split)."
+    )
+    eval_max_rows: int = Field(
+        64, ge=1, description="Upper bound on held-out rows, so evaluation time stays bounded on big datasets."
+    )
+    max_train_rows: int | None = Field(
+        None, ge=1, description="Optional cap on training rows after the split (None: all)."
+    )
+    split_seed: int = Field(0, description="Seed of the deterministic train/eval split.")
+
+
+class QuantConfig(_Section):
+    """bitsandbytes 4-bit quantization of the base model."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA default.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA's double quantization).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantized to for matrix products."
+    )
+
+
+class LoraConfig(_Section):
+    """The LoRA adapter trained on top of the frozen 4-bit base."""
+
+    r: int = Field(8, ge=1, le=1024, description="Rank of the low-rank update.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the output head."
+    )
+
+
+class TrainConfig(_Section):
+    """Optimisation of the adapter."""
+
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training split; exclusive with max_steps.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; exclusive with epochs.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    max_seq_length: int = Field(128, ge=8, description="Tokens per example after templating; longer examples are truncated.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    seed: int = Field(0, description="Seed for adapter init, dropout and data order.")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Save the adapter and optimizer state every N steps into the run directory (None: only at the end)."
+    )
+    log_every: int = Field(1, ge=1, description="Log the training loss to the tracker every N steps.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError("set exactly one of train.epochs and train.max_steps")
+        return self
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation of base and fine-tuned models."""
+
+    batch_size: int = Field(16, ge=1, description="Prompts per batch for loss and generation.")
+    max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per held-out prompt for ROUGE-L.")
+    generation_rows: int | None = Field(
+        None, ge=1, description="Held-out rows used for generation metrics (None: all held-out rows)."
+    )
+
+
+class MergeConfig(_Section):
+    """Merging the adapter into the dequantized base, and checking it."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved merged model.")
+    tolerance: float = Field(
+        1e-3, gt=0, description="Largest allowed max-abs logit difference between merged model and 4-bit base + adapter."
+    )
+    verify_rows: int = Field(8, ge=1, description="Held-out prompts used for the numerical check.")
+
+
+class RegisterConfig(_Section):
+    """Where the adapter goes in the MLflow model registry."""
+
+    model_name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registered model name."
+    )
+    alias: str = Field("candidate", pattern=r"^[a-z][a-z0-9_-]*$", description="Alias set on the new version.")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking."""
+
+    experiment: str = Field("loraflow", min_length=1, description="MLflow experiment for the run.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None takes LORAFLOW's local stack (or MLFLOW_TRACKING_URI) at the entry point."
+    )
+
+
+class OrchestrationConfig(_Section):
+    """Where stages run."""
+
+    train_on: Literal["deployment", "in_process"] = Field(
+        "deployment",
+        description="'deployment': run the train flow on the GPU work pool via its deployment; "
+        "'in_process': run it inside the finetune flow (tests, single machine without a worker).",
+    )
+    train_deployment: str = Field("train/gpu", description="'<flow>/<deployment>' of the train flow.")
+    train_timeout_s: float = Field(6 * 3600, gt=0, description="Give up waiting for the train flow after this long.")
+
+
+class PipelineConfig(_Section):
+    """A whole fine-tuning run: data, base model, quantization, LoRA, training, evaluation, merge, registry."""
+
+    run_name: str | None = Field(None, description="Name of the run directory and MLflow run (None: generated).")
+    base_model: BaseModelConfig
+    data: DataConfig
+    quant: QuantConfig = QuantConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig
+    eval: EvalConfig = EvalConfig()
+    merge: MergeConfig = MergeConfig()
+    registry: RegisterConfig
+    tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of the config (run_name excluded): same recipe, same hash."""
+        payload = self.model_dump(mode="json", exclude={"run_name"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def section_hash(self, *names: str) -> str:
+        """sha256 over the named sections only, used as a cache key for a stage."""
+        payload = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.max_steps=20)")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {item!r} has an empty key")
+    # YAML parsing gives ints, floats, bools, null and lists the way they read in the config file.
+    return keys, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key.path=value`` overrides applied."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One readable message listing every invalid field and what is allowed."""
+    lines = [f"{source}: {err.error_count()} invalid setting(s):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `loraflow config-schema`)"
+        elif e["type"] == "missing":
+            msg = "required, but missing"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from e
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load, override and validate a YAML config; relative data/model paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (try configs/demo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    _resolve_relative_paths(data, path.parent.resolve())
+    return config_from_dict(data, source=str(path))
+
+
+def _resolve_relative_paths(data: dict[str, Any], root: Path) -> None:
+    for section in ("data", "base_model"):
+        node = data.get(section)
+        if isinstance(node, dict) and isinstance(node.get("path"), str):
+            p = node["path"]
+            if not p.startswith("pkg:") and not Path(p).is_absolute():
+                node["path"] = str((root / p).resolve())

@@ -1,0 +1,145 @@
+"""Typed records that stages hand to each other.
+
+Stages never pass live models: they pass these small, JSON-serialisable records (paths,
+digests, metrics) so that a stage can run in another process or on another machine (the train
+flow on the GPU work pool) and hand its result back through the shared run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def save(self, path: Path) -> Path:
+        """Write the record as JSON (atomically: a reader never sees half a file)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.replace(path)
+        return path
+
+
+R = TypeVar("R", bound=Record)
+
+
+def load_record(cls: type[R], path: Path) -> R:
+    return cls.model_validate_json(Path(path).read_text())
+
+
+class ValidatedData(Record):
+    """A dataset that passed its contract, split into train and eval JSONL files."""
+
+    source: str = Field(description="The dataset file as given.")
+    digest: str = Field(description="sha256 of the dataset's canonical content (row order and format independent of file layout).")
+    file_sha256: str = Field(description="sha256 of the dataset file's bytes.")
+    contract: str = Field(description="'<name>@<version>' of the contract it passed.")
+    style: str = Field(description="'alpaca' (instruction/input/output) or 'chat' (messages).")
+    rows: int
+    train_rows: int
+    eval_rows: int
+    train_path: str
+    eval_path: str
+    report_path: str = Field(description="Validation report (JSON) in the run directory.")
+
+
+class BaseModelRef(Record):
+    """A full-precision base model on local disk, in Hugging Face format."""
+
+    name: str
+    path: str
+    digest: str = Field(description="sha256 over the source files (GGUF file, or the model directory's files).")
+
+
+class QuantizedBase(Record):
+    """A 4-bit quantized base model saved as a Hugging Face checkpoint."""
+
+    base: BaseModelRef
+    path: str = Field(description="Directory of the saved 4-bit checkpoint (tokenizer included).")
+    quant_hash: str = Field(description="sha256 of the quantization settings; with base.digest it keys the cache.")
+    compute_dtype: str
+    bytes_before: int = Field(description="Parameter + buffer bytes of the full-precision model.")
+    bytes_after: int = Field(description="Parameter + buffer bytes of the 4-bit model.")
+    reused: bool = Field(description="True when an existing checkpoint was reused instead of quantizing again.")
+    seconds: float
+
+
+class Adapter(Record):
+    """A trained LoRA adapter in standard PEFT format."""
+
+    path: str = Field(description="Adapter directory (adapter_config.json + adapter_model.safetensors).")
+    steps: int
+    epochs: float
+    train_examples: int
+    trained_tokens: int = Field(description="Non-padding tokens seen in training.")
+    final_loss: float = Field(description="Mean training loss over the last logging window.")
+    seconds: float
+    checkpoints: list[str] = Field(default_factory=list)
+    loss_curve_path: str = Field(description="JSON list of (step, loss, lr) in the run directory.")
+
+
+class ModelMetrics(Record):
+    loss: float = Field(description="Mean cross-entropy per response token on the held-out split.")
+    perplexity: float
+    rouge_l: float = Field(description="Mean ROUGE-L F1 of greedy answers against the references.")
+    tokens: int = Field(description="Response tokens scored.")
+    generated: int = Field(description="Held-out prompts answered for ROUGE-L.")
+
+
+class EvalReport(Record):
+    base: ModelMetrics
+    finetuned: ModelMetrics
+    samples_path: str = Field(description="JSONL of prompts, references and both models' answers.")
+    seconds: float
+
+    @property
+    def improved(self) -> bool:
+        return self.finetuned.loss < self.base.loss and self.finetuned.rouge_l > self.base.rouge_l
+
+
+class MergedModel(Record):
+    path: str = Field(description="Directory of the merged model in standard Hugging Face format.")
+    dtype: str
+    max_abs_logit_diff: float
+    tolerance: float
+    seconds: float
+
+
+class Lineage(Record):
+    """Everything needed to say where a model version came from."""
+
+    data_digest: str
+    data_source: str
+    contract: str
+    base_model: str
+    base_digest: str
+    config_hash: str
+    code_version: str
+    flow_run_id: str
+    mlflow_run_id: str
+
+    def as_tags(self) -> dict[str, str]:
+        return {
+            "loraflow.data_digest": self.data_digest,
+            "loraflow.data_source": self.data_source,
+            "loraflow.contract": self.contract,
+            "loraflow.base_model": self.base_model,
+            "loraflow.base_digest": self.base_digest,
+            "loraflow.config_hash": self.config_hash,
+            "loraflow.code_version": self.code_version,
+            "loraflow.flow_run_id": self.flow_run_id,
+            "loraflow.mlflow_run_id": self.mlflow_run_id,
+        }
+
+
+class RegisteredVersion(Record):
+    name: str
+    version: str
+    alias: str
+    model_uri: str = Field(description="'models:/<name>@<alias>'")
+    run_id: str
