@@ -117,7 +117,6 @@ class TrainConfig(_Section):
         None, ge=1, description="Save the adapter and optimizer state every N steps into the run directory (None: only at the end)."
     )
     log_every: int = Field(1, ge=1, description="Log the training loss to the tracker every N steps.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:

