@@ -52,11 +52,11 @@ _LOG_TAIL_LINES = 20
 class StackSettings:
     """Where the local stack keeps its state and which ports it listens on."""
 
-    home: Path
-    host: str = "127.0.0.1"
-    prefect_port: int = 4200
-    mlflow_port: int = 5000
-    pool: str = "gpu"
+    home: Path  # all state: databases, artifacts, logs, pidfiles
+    host: str = "127.0.0.1"  # the servers listen here only
+    prefect_port: int = 4200  # Prefect API + UI
+    mlflow_port: int = 5000  # MLflow tracking + registry + artifact proxy
+    pool: str = "gpu"  # the process work pool (concurrency 1) that the worker serves
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> StackSettings:
@@ -428,40 +428,45 @@ def up(s: StackSettings, timeout: float = 120) -> StackStatus:
             started.append(WORKER)
         _wait_healthy(s, [svcs[WORKER]], deadline)
     except BaseException:
-        for name in reversed(started):
-            _stop(s, name)
+        _stop(s, started)
         raise
     return status(s)
 
 
-def _stop(s: StackSettings, name: str) -> bool:
-    """Stop name's process group if the pidfile names a live process of ours; True if it did."""
-    proc = _our_process(s, name)
-    if proc is None:
-        return False
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = [proc]
+def _stop(s: StackSettings, names: list[str]) -> list[str]:
+    """Stop the process groups of those names whose pidfile names a live process of ours, together;
+    return the names stopped."""
+    leaders = {name: proc for name in names if (proc := _our_process(s, name)) is not None}
+    procs: list[psutil.Process] = []
+    for proc in leaders.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs += [proc, *proc.children(recursive=True)]
     for sig, grace in ((signal.SIGTERM, _STOP_GRACE_SECONDS), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)  # pgid == pid: started with start_new_session
-        for p in procs:  # a child that left the group still gets the signal
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.send_signal(sig)
+        for proc in leaders.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)  # pgid == pid: started with start_new_session
+        for p in procs:  # a child that left its group still gets the signal, but only once:
+            # Prefect's worker takes a second SIGTERM as "kill now".
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                if os.getpgid(p.pid) not in {proc.pid for proc in leaders.values()}:
+                    p.send_signal(sig)
         # wait_procs reaps our own children (up() and down() in one process, e.g. in tests).
         _, procs = psutil.wait_procs(procs, timeout=grace)
         if not procs:
             break
     if procs:
-        raise StackError(f"Could not stop the {name} service (pids {[p.pid for p in procs]}); kill them by hand.")
-    s.pid_path(name).unlink(missing_ok=True)
-    return True
+        raise StackError(f"Could not stop {', '.join(leaders)} (pids {[p.pid for p in procs]}); kill them by hand.")
+    for name in leaders:
+        s.pid_path(name).unlink(missing_ok=True)
+    return list(leaders)
 
 
 def down(s: StackSettings) -> list[str]:
-    """Stop the services that `up` started (worker first), remove their pidfiles; return the names stopped."""
-    return [name for name in (WORKER, MLFLOW, PREFECT) if _stop(s, name)]
+    """Stop the services that `up` started, remove their pidfiles; return the names stopped.
+
+    The worker goes first, while the Prefect server can still hear it leave; then both servers together.
+    """
+    return _stop(s, [WORKER]) + _stop(s, [MLFLOW, PREFECT])
 
 
 def status(s: StackSettings) -> StackStatus:
