@@ -143,3 +143,15 @@ class RegisteredVersion(Record):
     alias: str
     model_uri: str = Field(description="'models:/<name>@<alias>'")
     run_id: str
+
+
+class RunSummary(Record):
+    """What a finetune run produced, as printed at its end."""
+
+    version: RegisteredVersion
+    evaluation: EvalReport
+    merged: MergedModel
+    run_dir: str
+    mlflow_run_url: str
+    flow_run_id: str
+    stage_seconds: dict[str, float]

@@ -9,6 +9,8 @@ another process (the train flow on the GPU work pool).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -111,8 +113,37 @@ class MlflowTracker:
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    @contextmanager
+    def run_status(self) -> Iterator[MlflowTracker]:
+        """End the run FINISHED when the block completes, FAILED when it raises."""
+        try:
+            yield self
+        except BaseException:
+            self.end("FAILED")
+            raise
+        self.end("FINISHED")
+
     @property
     def url(self) -> str:
         exp_id = self.client.get_run(self.run_id).info.experiment_id
         base = self.tracking_uri.rstrip("/")
         return f"{base}/#/experiments/{exp_id}/runs/{self.run_id}"
+
+
+@contextmanager
+def stage_run(parent: MlflowTracker, stage: str) -> Iterator[MlflowTracker]:
+    """A nested MLflow run for one stage; its wall time goes to the parent as ``stage_seconds/<stage>``.
+
+    The nested run ends FAILED when the stage raises, so a failed stage is visible in the UI.
+    """
+    child = parent.child(stage)
+    start = time.perf_counter()
+    try:
+        yield child
+    except BaseException:
+        child.end("FAILED")
+        raise
+    seconds = time.perf_counter() - start
+    child.log_metrics({"seconds": seconds})
+    parent.log_metrics({f"stage_seconds/{stage}": seconds})
+    child.end("FINISHED")

@@ -45,3 +45,90 @@ def local_stack(tmp_path_factory):
 
 
 # --- end local stack fixture ---
+
+
+# --- tiny model fixtures ---
+# A random Llama (hidden 64, 2 layers) with a BPE tokenizer trained on the records below, a
+# small repetitive instruction dataset, and the model quantized once per session. Building and
+# quantizing take well under a second; the stage tests share them.
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY_NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal"]
+
+
+def tiny_records() -> list[dict[str, str]]:
+    """Eight near-identical alpaca records: easy to fit, so a few steps visibly lower the loss."""
+    return [
+        {"instruction": f"Say hello to {n}.", "input": "", "output": f"Hello, {n}! Nice to meet you."}
+        for n in TINY_NAMES
+    ]
+
+
+def tiny_corpus() -> list[str]:
+    """Tokenizer training text: the records as the fallback template renders them, plus some chat words."""
+    texts = [f"### User:\n{r['instruction']}\n### Response:\n{r['output']}" for r in tiny_records()]
+    texts += ["### System:\nYou are a helpful AI assistant.", "user assistant system: What is two plus two? Four."]
+    return texts * 5
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_validated_data(folder: Path, train_rows: list[dict], eval_rows: list[dict]):
+    """A ValidatedData record over the given rows (the validate stage is not needed for stage tests)."""
+    from loraflow.records import ValidatedData
+
+    train_path = write_jsonl(folder / "train.jsonl", train_rows)
+    eval_path = write_jsonl(folder / "eval.jsonl", eval_rows)
+    return ValidatedData(
+        source=str(train_path),
+        digest="0" * 64,
+        file_sha256="0" * 64,
+        contract="instruction_v1@1",
+        style="alpaca",
+        rows=len(train_rows) + len(eval_rows),
+        train_rows=len(train_rows),
+        eval_rows=len(eval_rows),
+        train_path=str(train_path),
+        eval_path=str(eval_path),
+        report_path=str(folder / "report.json"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Directory of a saved tiny full-precision Llama and its tokenizer (no chat template)."""
+    from loraflow.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-model") / "model", tiny_corpus(), hidden=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tiny_model_dir, tiny_cache_dir):
+    """QuantizedBase of the tiny model (NF4 + double quant, bf16 compute), quantized once per session."""
+    from loraflow.config import BaseModelConfig, QuantConfig
+    from tasks.quantize import quantize
+
+    return quantize(BaseModelConfig(name="tiny-llama", path=str(tiny_model_dir)), QuantConfig(), tiny_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """ValidatedData: 16 training rows (the eight records twice) and 4 held-out rows."""
+    records = tiny_records()
+    return make_validated_data(tmp_path_factory.mktemp("tiny-data"), records * 2, records[:4])
+
+
+# --- end tiny model fixtures ---

@@ -1,0 +1,35 @@
+"""The finetune flow: validate -> quantize -> train (GPU pool) -> evaluate -> merge -> register.
+
+    loraflow up && loraflow run configs/demo.yaml     # or simply: make demo
+
+Each stage is a task in flows/stages.py around a plain function in tasks/; this module only
+says what runs in which order and where. One MLflow parent run holds a nested run per stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.placement import train_on_pool
+from flows.stages import evaluate_stage, merge_stage, quantize_stage, register_stage, validate_stage
+from flows.bookkeeping import lineage_of, publish_summary, start_parent_run
+from loraflow.config import PipelineConfig
+from loraflow.records import RunSummary
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(config: PipelineConfig, home: str, tracking_uri: str) -> RunSummary:
+    """Fine-tune the base model on the dataset and register the adapter as a candidate."""
+    run_dir, parent = start_parent_run(config, Path(home), tracking_uri, flow_run.get_id() or "local")
+    with parent.run_status():
+        data = validate_stage(config, run_dir, parent)
+        base = quantize_stage(config, Path(home) / "cache", parent)
+        adapter = train_on_pool(config, base, data, run_dir, parent)
+        evaluation = evaluate_stage(config, base, adapter, data, run_dir, parent)
+        merged = merge_stage(config, base, adapter, data, run_dir, parent)
+        lineage = lineage_of(config, data, base, parent)
+        version = register_stage(config, base, adapter, evaluation, merged, lineage, parent)
+        return publish_summary(version, evaluation, merged, run_dir, parent)

@@ -1,0 +1,41 @@
+"""Where the train stage runs: on the `gpu` work pool through its deployment, or in this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraflow.config import PipelineConfig
+from loraflow.errors import StageError
+from loraflow.records import Adapter, QuantizedBase, ValidatedData, load_record
+from loraflow.tracking import MlflowTracker
+
+
+def train_on_pool(config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker) -> Adapter:
+    """Run the train flow where the config places it and return the adapter it wrote."""
+    from flows.train import ADAPTER_RECORD, train_flow
+
+    params = {
+        "config": config,
+        "base": base,
+        "data": data,
+        "run_dir": str(run_dir),
+        "tracking_uri": parent.tracking_uri,
+        "parent_run_id": parent.run_id,
+    }
+    orchestration = config.orchestration
+    if orchestration.train_on == "in_process":
+        return train_flow(**params)
+
+    from prefect.deployments import run_deployment
+
+    jsonable = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in params.items()}
+    run = run_deployment(orchestration.train_deployment, parameters=jsonable, timeout=orchestration.train_timeout_s)
+    state = run.state
+    if state is None or not state.is_completed():
+        state_name = state.name if state else "unknown"
+        raise StageError(
+            f"the train flow run '{run.name}' ({run.id}) on deployment '{orchestration.train_deployment}' ended "
+            f"{state_name}: {state.message if state else ''}. Its logs are in the Prefect UI and the worker's log "
+            "(`loraflow status` shows where). If it is still running, raise orchestration.train_timeout_s."
+        )
+    return load_record(Adapter, run_dir / ADAPTER_RECORD)

@@ -1,0 +1,79 @@
+"""Prefect tasks around the stage functions in tasks/: placement, retries, tracking; no ML here.
+
+The stage functions stay importable without Prefect (the GPU image has none); these wrappers are
+the only place that ties them to Prefect and MLflow. Each stage logs into its own nested MLflow run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from loraflow.config import PipelineConfig
+from loraflow.records import Adapter, EvalReport, Lineage, MergedModel, QuantizedBase, RegisteredVersion, ValidatedData
+from loraflow.tracking import MlflowTracker, stage_run
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_stage(config: PipelineConfig, run_dir: Path, parent: MlflowTracker) -> ValidatedData:
+    from tasks.validate import validate
+
+    with stage_run(parent, "validate") as tracker:
+        try:
+            data = validate(config.data, run_dir)
+        finally:  # the report explains a violation: keep it with the run either way
+            report = run_dir / "data" / "validation_report.json"
+            if report.is_file():
+                parent.log_artifact(report, "data")
+        tracker.log_params({"contract": data.contract, "data_digest": data.digest, "rows": data.rows})
+        tracker.log_metrics({"rows": data.rows, "train_rows": data.train_rows, "eval_rows": data.eval_rows})
+    return data
+
+
+@task(name="quantize", cache_policy=NO_CACHE)
+def quantize_stage(config: PipelineConfig, cache_dir: Path, parent: MlflowTracker) -> QuantizedBase:
+    from tasks.quantize import quantize
+
+    with stage_run(parent, "quantize") as tracker:
+        return quantize(config.base_model, config.quant, cache_dir, tracker)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_stage(config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker) -> Adapter:
+    from loraflow.reports import plot_loss_curve
+    from tasks.train import train
+
+    with stage_run(parent, "train") as tracker:
+        adapter = train(base, data, config.lora, config.train, run_dir, tracker)
+        tracker.log_artifact(plot_loss_curve(adapter.loss_curve_path, run_dir / "train" / "loss_curve.png"), "train")
+    return adapter
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_stage(config: PipelineConfig, base: QuantizedBase, adapter: Adapter, data: ValidatedData, run_dir: Path, parent: MlflowTracker) -> EvalReport:
+    from tasks.evaluate import evaluate
+
+    with stage_run(parent, "evaluate") as tracker:
+        report = evaluate(base, adapter, data, config.eval, config.train.max_seq_length, run_dir, tracker)
+    parent.log_artifact(report.samples_path, "eval")
+    return report
+
+
+@task(name="merge", cache_policy=NO_CACHE)
+def merge_stage(config: PipelineConfig, base: QuantizedBase, adapter: Adapter, data: ValidatedData, run_dir: Path, parent: MlflowTracker) -> MergedModel:
+    from tasks.merge import merge
+
+    with stage_run(parent, "merge") as tracker:
+        return merge(base, adapter, data, config.merge, run_dir, tracker)
+
+
+# Retries only here: registering talks to the MLflow server over the network, and a failed
+# attempt leaves no version behind (register deletes a version it could not finish).
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def register_stage(config: PipelineConfig, base: QuantizedBase, adapter: Adapter, evaluation: EvalReport, merged: MergedModel, lineage: Lineage, parent: MlflowTracker) -> RegisteredVersion:
+    from tasks.register import register
+
+    with stage_run(parent, "register"):
+        return register(adapter, base, evaluation, merged, lineage, config.registry, parent.tracking_uri, config.eval.max_new_tokens)

@@ -1,0 +1,191 @@
+"""The `loraflow` command line.
+
+    loraflow up | down | status             the local stack (Prefect server, MLflow server, gpu-pool worker)
+    loraflow run CONFIG.yaml [--set k=v]    the finetune flow
+    loraflow demo                           `run configs/demo.yaml`, starting the stack if needed
+    loraflow validate DATA [--contract N]   the validate stage alone (exit 0 pass, 1 violated, 2 usage)
+    loraflow config-schema                  the JSON schema of the run configuration
+
+Environment variables are read here and nowhere deeper: LORAFLOW_HOME (default ./.loraflow),
+LORAFLOW_PREFECT_PORT, LORAFLOW_MLFLOW_PORT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loraflow.errors import LoraflowError, UsageError
+from loraflow.lineage import REPO_ROOT
+
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+# Offline and quiet by default: the Hub is unreachable, and telemetry has nowhere to go.
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _settings():
+    from loraflow.stack import StackSettings
+
+    return StackSettings.from_env(os.environ)
+
+
+def _use_stack(settings) -> None:
+    """Point this process's Prefect and MLflow clients at the local stack (before they are imported)."""
+    from loraflow.stack import client_env
+
+    for key, value in client_env(settings).items():
+        os.environ.setdefault(key, value)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from loraflow.stack import up
+
+    settings = _settings()
+    status = up(settings)
+    _use_stack(settings)
+    from flows.deploy import deploy_train
+
+    deploy_train(settings.pool)
+    print(status.format())
+    print(f"\nPrefect UI: {settings.prefect_ui_url}\nMLflow UI:  {settings.mlflow_url}\nState:      {settings.home}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from loraflow.stack import down
+
+    stopped = down(_settings())
+    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from loraflow.stack import status
+
+    st = status(_settings())
+    print(st.format())
+    return 0 if st.all_healthy else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run(Path(args.config), args.set or [], start_stack=False)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _run(DEMO_CONFIG, args.set or [], start_stack=True)
+
+
+def _run(config_path: Path, overrides: list[str], start_stack: bool) -> int:
+    from loraflow.config import load_config
+    from loraflow.stack import status, up
+
+    config = load_config(config_path, overrides)  # fails before any work starts
+    settings = _settings()
+    if start_stack:
+        up(settings)
+    elif not status(settings).all_healthy:
+        raise UsageError(f"the local stack is not running under {settings.home}: start it with `loraflow up` (or use `loraflow demo`).")
+    _use_stack(settings)
+    if start_stack and config.orchestration.train_on == "deployment":
+        from flows.deploy import deploy_train
+
+        deploy_train(settings.pool)
+    from flows.finetune import finetune
+
+    summary = finetune(config=config, home=str(settings.home), tracking_uri=settings.mlflow_url)
+    _print_summary(summary, settings)
+    return 0
+
+
+def _print_summary(summary, settings) -> None:
+    from loraflow.reports import metrics_rows
+
+    v = summary.version
+    print(f"\nRegistered model: {v.name}  version {v.version}  (alias '{v.alias}', {v.model_uri})")
+    print(f"{'metric':<12}{'base':>12}{'fine-tuned':>12}{'change':>10}")
+    for r in metrics_rows(summary.evaluation):
+        print(f"{r['metric']:<12}{r['base']:>12}{r['fine-tuned']:>12}{r['change']:>10}")
+    m = summary.merged
+    print(f"merge check: max |dlogit| {m.max_abs_logit_diff:.3g} <= tolerance {m.tolerance:g}")
+    print("stage seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in summary.stage_seconds.items()))
+    print(f"Run directory: {summary.run_dir}")
+    print(f"Prefect UI:    {settings.prefect_ui_url}/runs/flow-run/{summary.flow_run_id}")
+    print(f"MLflow UI:     {summary.mlflow_run_url}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tasks.validate import validate_file
+
+    run_dir = Path(args.out) if args.out else _settings().home / "validate" / Path(args.data).stem
+    data = validate_file(args.data, args.contract, run_dir)
+    print(
+        f"PASSED contract {data.contract}: {data.rows} rows ({data.train_rows} train / {data.eval_rows} eval), "
+        f"digest {data.digest[:16]}\nreport: {data.report_path}"
+    )
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from loraflow.config import PipelineConfig
+
+    print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraflow", description="Workflow-orchestrated QLoRA fine-tuning with Prefect and MLflow.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("up", help="start the local stack (idempotent; waits until healthy) and deploy the train flow").set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop what `loraflow up` started").set_defaults(fn=cmd_down)
+    sub.add_parser("status", help="show the local stack's services (exit 1 unless all are healthy)").set_defaults(fn=cmd_status)
+
+    run = sub.add_parser("run", help="run the finetune flow with a config file (the stack must be up)")
+    run.add_argument("config", help="YAML run configuration, e.g. configs/demo.yaml")
+    run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable), e.g. train.max_steps=20")
+    run.set_defaults(fn=cmd_run)
+
+    demo = sub.add_parser("demo", help="start the stack if needed and run configs/demo.yaml end to end")
+    demo.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a demo config value (repeatable)")
+    demo.set_defaults(fn=cmd_demo)
+
+    val = sub.add_parser("validate", help="check a dataset against a data contract (exit 0 pass, 1 violated, 2 usage error)")
+    val.add_argument("data", help="dataset file: JSONL, JSON, CSV or Parquet")
+    val.add_argument("--contract", default="instruction_v1", help="contract name in data_contracts/ (default: instruction_v1)")
+    val.add_argument("--out", help="folder for the report and split files (default: $LORAFLOW_HOME/validate/<name>)")
+    val.set_defaults(fn=cmd_validate)
+
+    sub.add_parser("config-schema", help="print the JSON schema of the run configuration").set_defaults(fn=cmd_config_schema)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LoraflowError as e:
+        print(f"loraflow {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
