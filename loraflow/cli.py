@@ -38,17 +38,15 @@ QUIET_ENV = {
 
 
 def _settings():
-    from loraflow.stack import StackSettings
+    """The local stack's settings; this process's Prefect and MLflow clients are pointed at it.
 
-    return StackSettings.from_env(os.environ)
+    The variables must be set before Prefect is first imported: it reads its settings then.
+    """
+    from loraflow.stack import StackSettings, client_env
 
-
-def _use_stack(settings) -> None:
-    """Point this process's Prefect and MLflow clients at the local stack (before they are imported)."""
-    from loraflow.stack import client_env
-
-    for key, value in client_env(settings).items():
-        os.environ.setdefault(key, value)
+    settings = StackSettings.from_env(os.environ)
+    os.environ.update(client_env(settings))
+    return settings
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -56,7 +54,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = _settings()
     status = up(settings)
-    _use_stack(settings)
     from flows.deploy import deploy_train
 
     deploy_train(settings.pool)
@@ -99,7 +96,6 @@ def _run(config_path: Path, overrides: list[str], start_stack: bool) -> int:
         up(settings)
     elif not status(settings).all_healthy:
         raise UsageError(f"the local stack is not running under {settings.home}: start it with `loraflow up` (or use `loraflow demo`).")
-    _use_stack(settings)
     if start_stack and config.orchestration.train_on == "deployment":
         from flows.deploy import deploy_train
 
