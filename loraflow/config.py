@@ -9,6 +9,7 @@ parameter or UI form); every stage then receives only its own sub-config.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from pathlib import Path
@@ -25,7 +26,8 @@ class ConfigError(UsageError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # coerce_numbers_to_str: `--set registry.model_name=2024` means the string "2024".
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class BaseModelConfig(_Section):
@@ -208,8 +210,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"override {item!r} has an empty key")
-    # YAML parsing gives ints, floats, bools, null and lists the way they read in the config file.
-    return keys, yaml.safe_load(raw) if raw.strip() else ""
+    # YAML parsing gives ints, floats, bools, null and lists the way they read in the config file;
+    # but no field is a date, so a value YAML would read as one stays the string it was written as.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, dt.date):
+        value = raw.strip()
+    return keys, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -219,7 +225,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         keys, value = _parse_override(item)
         node = out
         for k in keys[:-1]:
-            child = node.setdefault(k, {})
+            if node.get(k) is None:  # absent, or left empty in the YAML (`eval:`)
+                node[k] = {}
+            child = node[k]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
             node = child

@@ -122,11 +122,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_quantized(path: str | Path, *, cpu_repack: bool = False, compute_dtype: str | None = None) -> torch.nn.Module:
+def default_device() -> str:
+    """The first CUDA GPU when there is one (the gpu work pool), else the CPU."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def load_quantized(
+    path: str | Path, *, device: str | None = None, cpu_repack: bool = False, compute_dtype: str | None = None
+) -> torch.nn.Module:
     """Load a saved 4-bit checkpoint.
 
     Args:
         path: directory written by the quantize stage.
+        device: where to put the model (default: :func:`default_device`).
         cpu_repack: allow bitsandbytes' faster CPU inference layout. Only for models that are
             never trained afterwards (see :func:`disable_cpu_weight_repacking`).
         compute_dtype: run the whole model in this dtype instead of the saved compute dtype:
@@ -134,7 +142,7 @@ def load_quantized(path: str | Path, *, cpu_repack: bool = False, compute_dtype:
     """
     import bitsandbytes as bnb
 
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, device_map={"": device or default_device()})
     if compute_dtype is not None:
         dtype = DTYPES[compute_dtype]
         for p in model.parameters():

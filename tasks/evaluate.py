@@ -48,7 +48,7 @@ def generate_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, promp
     tok.padding_side = "left"
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -57,7 +57,7 @@ def generate_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, promp
                 eos_token_id=tok.eos_token_id,
             )
             new = out[:, enc["input_ids"].shape[1] :]
-            answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
+            answers += [a.strip() for a in tok.batch_decode(new.cpu(), skip_special_tokens=True)]
     finally:
         tok.padding_side = previous_side
     return answers

@@ -26,8 +26,8 @@ from tasks.train import read_jsonl
 
 
 def merge_adapter(base: QuantizedBase, adapter: Adapter) -> torch.nn.Module:
-    """The 4-bit base dequantized to fp32 with the adapter folded into its weights."""
-    plain = dequantize(load_quantized(base.path), torch.float32)
+    """The 4-bit base dequantized to fp32 with the adapter folded into its weights (in host memory)."""
+    plain = dequantize(load_quantized(base.path, device="cpu"), torch.float32)
     return PeftModel.from_pretrained(plain, adapter.path).merge_and_unload()
 
 
@@ -53,7 +53,7 @@ def merge(
     tok = load_tokenizer(adapter.path)
     merged = merge_adapter(base, adapter)
     merged.eval()
-    reference_model = PeftModel.from_pretrained(load_quantized(base.path, compute_dtype="float32"), adapter.path)
+    reference_model = PeftModel.from_pretrained(load_quantized(base.path, device="cpu", compute_dtype="float32"), adapter.path)
     reference_model.eval()
 
     records = read_jsonl(data.eval_path)[: cfg.verify_rows]

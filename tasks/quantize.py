@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from loraflow.config import BaseModelConfig, QuantConfig
-from loraflow.models import DTYPES, bnb_config, checkpoint_bytes, load_tokenizer, model_bytes, prepare_base
+from loraflow.models import DTYPES, bnb_config, default_device, checkpoint_bytes, load_tokenizer, model_bytes, prepare_base
 from loraflow.records import QuantizedBase, load_record
 from loraflow.tracking import NullTracker, Tracker
 
@@ -35,10 +35,10 @@ def quantize(base_cfg: BaseModelConfig, q: QuantConfig, cache_dir: Path, tracker
     out = cache_dir / "quantized" / f"{base.digest[:16]}-{qh[:8]}"
     if (out / RECORD).is_file():
         cached = load_record(QuantizedBase, out / RECORD)
-        result = cached.model_copy(update={"reused": True, "seconds": time.perf_counter() - start, "base": base})
+        result = cached.model_copy(update={"path": str(out), "reused": True, "seconds": time.perf_counter() - start, "base": base})
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            base.path, quantization_config=bnb_config(q), dtype=DTYPES[q.compute_dtype]
+            base.path, quantization_config=bnb_config(q), dtype=DTYPES[q.compute_dtype], device_map={"": default_device()}
         )
         tok = load_tokenizer(base.path)
         out.parent.mkdir(parents=True, exist_ok=True)

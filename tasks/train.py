@@ -67,6 +67,7 @@ def micro_batches(examples: list[Encoded], batch_size: int, seed: int) -> Iterat
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of response-token cross-entropies (fp32) and the number of tokens summed."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1, :].float()
     targets = batch["labels"][:, 1:]
@@ -148,8 +149,9 @@ def train(
         {"lora": lora.model_dump(mode="json"), "train": cfg.model_dump(mode="json"), "train_examples": len(examples)}
     )
 
-    # fork_rng: seeding adapter init and dropout must not leak into the caller's global RNG state.
-    with torch.random.fork_rng(devices=[]):
+    # fork_rng: seeding adapter init and dropout must not leak into the caller's global RNG state;
+    # enable_grad: a caller inside torch.no_grad() must not silently disable training.
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(cfg.seed)
         model = prepare_for_training(load_quantized(base.path), lora, cfg.gradient_checkpointing)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -12,6 +12,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is available (the lent H200 machine, never CI)."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 # --- local stack fixture ---
 # A real Prefect server, MLflow server and worker on free ports, shared by the whole session
 # (~12 s to start). Tests get the settings and point their clients at it with client_env(s).
@@ -52,7 +65,9 @@ def local_stack(tmp_path_factory):
 # small repetitive instruction dataset, and the model quantized once per session. Building and
 # quantizing take well under a second; the stage tests share them.
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -73,6 +88,23 @@ def tiny_corpus() -> list[str]:
     texts = [f"### User:\n{r['instruction']}\n### Response:\n{r['output']}" for r in tiny_records()]
     texts += ["### System:\nYou are a helpful AI assistant.", "user assistant system: What is two plus two? Four."]
     return texts * 5
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run tiny-model work on ``n`` intra-op threads, restoring the count afterwards.
+
+    Tiny matrices gain nothing from threads, and on a busy 2-core machine two spinning OpenMP
+    threads make a 15-step training run 10x slower than one thread does.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -121,7 +153,8 @@ def tiny_quantized(tiny_model_dir, tiny_cache_dir):
     from loraflow.config import BaseModelConfig, QuantConfig
     from tasks.quantize import quantize
 
-    return quantize(BaseModelConfig(name="tiny-llama", path=str(tiny_model_dir)), QuantConfig(), tiny_cache_dir)
+    with torch_threads(1):
+        return quantize(BaseModelConfig(name="tiny-llama", path=str(tiny_model_dir)), QuantConfig(), tiny_cache_dir)
 
 
 @pytest.fixture(scope="session")

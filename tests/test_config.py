@@ -206,6 +206,12 @@ def test_load_config_with_overrides(tmp_path: Path) -> None:
     assert cfg.eval.generation_rows == 5
 
 
+def test_string_fields_accept_overrides_that_look_like_dates_or_numbers(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, minimal()), overrides=["run_name=2024-10-01", "registry.model_name=2024"])
+    assert cfg.run_name == "2024-10-01"
+    assert cfg.registry.model_name == "2024"
+
+
 def test_override_of_unknown_key_names_dotted_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"  - train\.max_stpes: unknown key"):
         load_config(write(tmp_path, minimal()), overrides=["train.max_stpes=5"])

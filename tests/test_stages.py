@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -33,7 +34,7 @@ from tasks.evaluate import evaluate, heldout_loss, rouge_l
 from tasks.merge import max_logit_diff, merge, merge_adapter
 from tasks.quantize import quantize
 from tasks.train import collate, encode_all, micro_batches, prepare_for_training, read_jsonl, token_loss_sum, train
-from tests.conftest import make_validated_data, tiny_records
+from tests.conftest import make_validated_data, tiny_records, torch_threads
 
 # Dropout off so that a saved adapter reproduces the losses seen during training exactly.
 LORA = LoraConfig(dropout=0.0)
@@ -42,6 +43,11 @@ LORA = LoraConfig(dropout=0.0)
 TRAIN = TrainConfig(
     max_steps=15, learning_rate=1e-2, lr_scheduler="constant", batch_size=4, max_seq_length=64, checkpoint_every=5
 )
+# transformers 5 renames its gradient-checkpointing API; peft and train.py still use the old names.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"),
+]
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -78,9 +84,17 @@ def step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
     return loss_sum.item() / n
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Every test here on one thread (see torch_threads); session fixtures below use it too."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def trained(tiny_quantized, tiny_data, tmp_path_factory) -> Adapter:
-    return train(tiny_quantized, tiny_data, LORA, TRAIN, tmp_path_factory.mktemp("run"), progress=False)
+    with torch_threads(1):
+        return train(tiny_quantized, tiny_data, LORA, TRAIN, tmp_path_factory.mktemp("run"), progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +140,16 @@ def test_quantize_reuses_cached_checkpoint(tiny_quantized, tiny_model_dir, tiny_
     assert sorted(p.name for p in (tiny_cache_dir / "quantized").iterdir() if p.name.startswith(".")) == []
 
 
+def test_reused_checkpoint_path_points_into_the_cache_it_was_found_in(
+    tiny_quantized, tiny_model_dir, tiny_cache_dir, tmp_path
+) -> None:
+    moved = tmp_path / "moved-cache"
+    shutil.copytree(tiny_cache_dir, moved)
+    again = quantize(BaseModelConfig(name="tiny-llama", path=str(tiny_model_dir)), QuantConfig(), moved)
+    assert again.reused is True
+    assert again.path == str(moved / "quantized" / Path(tiny_quantized.path).name)
+
+
 def test_changed_quant_config_gets_its_own_cache_dir(tiny_quantized, tiny_model_dir, tiny_cache_dir) -> None:
     q = QuantConfig(quant_type="fp4", double_quant=False)
     other = quantize(BaseModelConfig(name="tiny-llama", path=str(tiny_model_dir)), q, tiny_cache_dir)
@@ -164,7 +188,9 @@ def grads_before_and_after_eval(base: QuantizedBase, tok, *, repack: bool):
     with torch.no_grad():
         model(**model_inputs(batch))
     after = grads()
-    repacked = [n for n, m in linear4bit(model).items() if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    repacked = [
+        n for n, m in linear4bit(model).items() if getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    ]
     return before, after, repacked
 
 
@@ -255,6 +281,7 @@ def test_saved_adapters_reproduce_the_training_losses(trained, tiny_quantized, t
     """
     curve = loss_curve(trained)
     batches = training_batches(tok, tiny_data, TRAIN)
+    assert trained.trained_tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     ck10 = lora_on_fresh_base(tiny_quantized, trained.checkpoints[1])
     assert step_loss(ck10, batches[10]) == pytest.approx(curve[10], rel=1e-6)
 
@@ -292,6 +319,19 @@ def test_same_seed_same_curve_other_seed_other_curve(trained, tiny_quantized, ti
 
 
 @pytest.mark.parametrize(
+    "update",
+    [{"gradient_checkpointing": True}, {"batch_size": 2, "grad_accum": 2}],
+    ids=["gradient-checkpointing", "grad-accum"],
+)
+def test_equivalent_settings_give_the_same_curve(trained, tiny_quantized, tiny_data, tmp_path, update) -> None:
+    """Recomputing activations, or splitting a batch of 4 into 2 x 2 token-weighted micro-batches,
+    changes how a step is computed but not what it computes."""
+    cfg = TRAIN.model_copy(update={"max_steps": 5, "checkpoint_every": None, **update})
+    other = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "run", progress=False)
+    assert loss_curve(other) == pytest.approx(loss_curve(trained)[:5], rel=1e-4)
+
+
+@pytest.mark.parametrize(
     ("rows", "max_seq_length", "kept"),
     [(tiny_records()[:2], 64, 2), (tiny_records(), 8, 0)],
     ids=["too-few-rows", "all-responses-truncated"],
@@ -311,7 +351,8 @@ EVAL = EvalConfig(batch_size=4, max_new_tokens=8, generation_rows=3)
 
 @pytest.fixture(scope="session")
 def evaluated(trained, tiny_quantized, tiny_data, tmp_path_factory):
-    return evaluate(tiny_quantized, trained, tiny_data, EVAL, TRAIN.max_seq_length, tmp_path_factory.mktemp("eval"))
+    with torch_threads(1):
+        return evaluate(tiny_quantized, trained, tiny_data, EVAL, TRAIN.max_seq_length, tmp_path_factory.mktemp("eval"))
 
 
 def test_evaluate_reports_base_and_finetuned(evaluated, tiny_data, tiny_quantized, tok) -> None:
@@ -360,8 +401,8 @@ def test_rouge_l_helper() -> None:
 
 @pytest.fixture(scope="session")
 def merged(trained, tiny_quantized, tiny_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("merge")
-    return merge(tiny_quantized, trained, tiny_data, MergeConfig(), run_dir)
+    with torch_threads(1):
+        return merge(tiny_quantized, trained, tiny_data, MergeConfig(), tmp_path_factory.mktemp("merge"))
 
 
 def eval_batch(tok, data) -> dict[str, torch.Tensor]:

@@ -1,0 +1,34 @@
+"""GPU: the CUDA 4-bit kernels under the real stage code (skipped without CUDA; run on the lent H200).
+
+    python -m pytest tests/test_gpu.py -m gpu -q
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+def test_quantize_train_evaluate_merge_on_cuda(tiny_model_dir, tiny_data, tmp_path):
+    import bitsandbytes as bnb
+    import torch
+
+    from loraflow.config import BaseModelConfig, EvalConfig, LoraConfig, MergeConfig, QuantConfig, TrainConfig
+    from loraflow.models import load_quantized
+    from tasks.evaluate import evaluate
+    from tasks.merge import merge
+    from tasks.quantize import quantize
+    from tasks.train import train
+
+    base = quantize(BaseModelConfig(name="tiny", path=str(tiny_model_dir)), QuantConfig(), tmp_path / "cache")
+    model = load_quantized(base.path)
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert layer.weight.device.type == "cuda"
+    train_cfg = TrainConfig(max_steps=12, learning_rate=5e-3, batch_size=4)
+    adapter = train(base, tiny_data, LoraConfig(r=4), train_cfg, tmp_path / "run", progress=False)
+    report = evaluate(base, adapter, tiny_data, EvalConfig(max_new_tokens=4), 64, tmp_path / "run")
+    assert report.finetuned.loss < report.base.loss
+    merged = merge(base, adapter, tiny_data, MergeConfig(), tmp_path / "run")
+    assert merged.max_abs_logit_diff < 1e-3
+    assert torch.cuda.max_memory_allocated() > 0
