@@ -37,7 +37,9 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
         self.batch_size = int(cfg.get("batch_size", 8))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    # No type hints here: MLflow would derive a (stricter) schema from them; the logged signature rules.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001
+        """Greedy answers to a list of prompts, a string, or a DataFrame with a 'prompt' column."""
         from loraflow.prompts import prompt_text
         from tasks.evaluate import generate_answers
 
