@@ -9,12 +9,22 @@ import yaml
 
 from loraflow.config import PipelineConfig
 from loraflow.lineage import code_version
-from loraflow.records import EvalReport, Lineage, MergedModel, QuantizedBase, RegisteredVersion, RunSummary, ValidatedData
+from loraflow.records import (
+    EvalReport,
+    Lineage,
+    MergedModel,
+    QuantizedBase,
+    RegisteredVersion,
+    RunSummary,
+    ValidatedData,
+)
 from loraflow.reports import metrics_rows, summary_markdown
 from loraflow.tracking import MlflowTracker
 
 
-def start_parent_run(config: PipelineConfig, home: Path, tracking_uri: str, flow_run_id: str) -> tuple[Path, MlflowTracker]:
+def start_parent_run(
+    config: PipelineConfig, home: Path, tracking_uri: str, flow_run_id: str
+) -> tuple[Path, MlflowTracker]:
     """Create the run directory and the MLflow parent run, and record the config in both."""
     name = config.run_name or f"{config.registry.model_name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{flow_run_id[:8]}"
     run_dir = home / "runs" / name
@@ -25,7 +35,11 @@ def start_parent_run(config: PipelineConfig, home: Path, tracking_uri: str, flow
         tracking_uri,
         config.tracking.experiment,
         name,
-        tags={"loraflow.flow_run_id": flow_run_id, "loraflow.config_hash": config.config_hash(), "loraflow.code_version": code_version()},
+        tags={
+            "loraflow.flow_run_id": flow_run_id,
+            "loraflow.config_hash": config.config_hash(),
+            "loraflow.code_version": code_version(),
+        },
     )
     parent.log_params(config.model_dump(mode="json"))
     parent.log_artifact(config_file)
@@ -47,7 +61,9 @@ def lineage_of(config: PipelineConfig, data: ValidatedData, base: QuantizedBase,
     )
 
 
-def publish_summary(version: RegisteredVersion, evaluation: EvalReport, merged: MergedModel, run_dir: Path, parent: MlflowTracker) -> RunSummary:
+def publish_summary(
+    version: RegisteredVersion, evaluation: EvalReport, merged: MergedModel, run_dir: Path, parent: MlflowTracker
+) -> RunSummary:
     """Tag the parent run, publish Prefect artifacts that link to it, and return the run summary."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -64,6 +80,10 @@ def publish_summary(version: RegisteredVersion, evaluation: EvalReport, merged: 
         stage_seconds=stage_seconds,
     )
     summary.save(run_dir / "summary.json")
-    create_markdown_artifact(summary_markdown(version, evaluation, merged, parent.url, stage_seconds), key="finetune-summary")
-    create_table_artifact(metrics_rows(evaluation), key="finetune-metrics", description=f"Held-out metrics; MLflow run {parent.url}")
+    create_markdown_artifact(
+        summary_markdown(version, evaluation, merged, parent.url, stage_seconds), key="finetune-summary"
+    )
+    create_table_artifact(
+        metrics_rows(evaluation), key="finetune-metrics", description=f"Held-out metrics; MLflow run {parent.url}"
+    )
     return summary

@@ -13,9 +13,9 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.bookkeeping import lineage_of, publish_summary, start_parent_run
 from flows.placement import train_on_pool
 from flows.stages import evaluate_stage, merge_stage, quantize_stage, register_stage, validate_stage
-from flows.bookkeeping import lineage_of, publish_summary, start_parent_run
 from loraflow.config import PipelineConfig
 from loraflow.records import RunSummary
 

@@ -10,7 +10,9 @@ from loraflow.records import Adapter, QuantizedBase, ValidatedData, load_record
 from loraflow.tracking import MlflowTracker
 
 
-def train_on_pool(config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker) -> Adapter:
+def train_on_pool(
+    config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker
+) -> Adapter:
     """Run the train flow where the config places it and return the adapter it wrote."""
     from flows.train import ADAPTER_RECORD, train_flow
 

@@ -41,7 +41,9 @@ def quantize_stage(config: PipelineConfig, cache_dir: Path, parent: MlflowTracke
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_stage(config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker) -> Adapter:
+def train_stage(
+    config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker
+) -> Adapter:
     from loraflow.reports import plot_loss_curve
     from tasks.train import train
 
@@ -52,7 +54,14 @@ def train_stage(config: PipelineConfig, base: QuantizedBase, data: ValidatedData
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_stage(config: PipelineConfig, base: QuantizedBase, adapter: Adapter, data: ValidatedData, run_dir: Path, parent: MlflowTracker) -> EvalReport:
+def evaluate_stage(
+    config: PipelineConfig,
+    base: QuantizedBase,
+    adapter: Adapter,
+    data: ValidatedData,
+    run_dir: Path,
+    parent: MlflowTracker,
+) -> EvalReport:
     from tasks.evaluate import evaluate
 
     with stage_run(parent, "evaluate") as tracker:
@@ -62,7 +71,14 @@ def evaluate_stage(config: PipelineConfig, base: QuantizedBase, adapter: Adapter
 
 
 @task(name="merge", cache_policy=NO_CACHE)
-def merge_stage(config: PipelineConfig, base: QuantizedBase, adapter: Adapter, data: ValidatedData, run_dir: Path, parent: MlflowTracker) -> MergedModel:
+def merge_stage(
+    config: PipelineConfig,
+    base: QuantizedBase,
+    adapter: Adapter,
+    data: ValidatedData,
+    run_dir: Path,
+    parent: MlflowTracker,
+) -> MergedModel:
     from tasks.merge import merge
 
     with stage_run(parent, "merge") as tracker:
@@ -72,8 +88,18 @@ def merge_stage(config: PipelineConfig, base: QuantizedBase, adapter: Adapter, d
 # Retries only here: registering talks to the MLflow server over the network, and a failed
 # attempt leaves no version behind (register deletes a version it could not finish).
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def register_stage(config: PipelineConfig, base: QuantizedBase, adapter: Adapter, evaluation: EvalReport, merged: MergedModel, lineage: Lineage, parent: MlflowTracker) -> RegisteredVersion:
+def register_stage(
+    config: PipelineConfig,
+    base: QuantizedBase,
+    adapter: Adapter,
+    evaluation: EvalReport,
+    merged: MergedModel,
+    lineage: Lineage,
+    parent: MlflowTracker,
+) -> RegisteredVersion:
     from tasks.register import register
 
     with stage_run(parent, "register"):
-        return register(adapter, base, evaluation, merged, lineage, config.registry, parent.tracking_uri, config.eval.max_new_tokens)
+        return register(
+            adapter, base, evaluation, merged, lineage, config.registry, parent.tracking_uri, config.eval.max_new_tokens
+        )

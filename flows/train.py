@@ -22,7 +22,12 @@ ADAPTER_RECORD = "adapter.json"
 
 @flow(name="train", log_prints=True)
 def train_flow(
-    config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: str, tracking_uri: str, parent_run_id: str
+    config: PipelineConfig,
+    base: QuantizedBase,
+    data: ValidatedData,
+    run_dir: str,
+    tracking_uri: str,
+    parent_run_id: str,
 ) -> Adapter:
     """Train a LoRA adapter on the 4-bit base; the adapter record lands in the run directory."""
     adapter = train_stage(config, base, data, Path(run_dir), MlflowTracker(tracking_uri, parent_run_id))

@@ -31,6 +31,7 @@ QUIET_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -95,14 +96,18 @@ def _run(config_path: Path, overrides: list[str], start_stack: bool) -> int:
     if start_stack:
         up(settings)
     elif not status(settings).all_healthy:
-        raise UsageError(f"the local stack is not running under {settings.home}: start it with `loraflow up` (or use `loraflow demo`).")
+        raise UsageError(
+            f"the local stack is not running under {settings.home}: "
+            "start it with `loraflow up` (or use `loraflow demo`)."
+        )
     if start_stack and config.orchestration.train_on == "deployment":
         from flows.deploy import deploy_train
 
         deploy_train(settings.pool)
     from flows.finetune import finetune
 
-    summary = finetune(config=config, home=str(settings.home), tracking_uri=settings.mlflow_url)
+    tracking_uri = config.tracking.uri or settings.mlflow_url
+    summary = finetune(config=config, home=str(settings.home), tracking_uri=tracking_uri)
     _print_summary(summary, settings)
     return 0
 
@@ -143,29 +148,48 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loraflow", description="Workflow-orchestrated QLoRA fine-tuning with Prefect and MLflow.")
+    p = argparse.ArgumentParser(
+        prog="loraflow", description="Workflow-orchestrated QLoRA fine-tuning with Prefect and MLflow."
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("up", help="start the local stack (idempotent; waits until healthy) and deploy the train flow").set_defaults(fn=cmd_up)
+    sub.add_parser(
+        "up", help="start the local stack (idempotent; waits until healthy) and deploy the train flow"
+    ).set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop what `loraflow up` started").set_defaults(fn=cmd_down)
-    sub.add_parser("status", help="show the local stack's services (exit 1 unless all are healthy)").set_defaults(fn=cmd_status)
+    sub.add_parser("status", help="show the local stack's services (exit 1 unless all are healthy)").set_defaults(
+        fn=cmd_status
+    )
 
     run = sub.add_parser("run", help="run the finetune flow with a config file (the stack must be up)")
     run.add_argument("config", help="YAML run configuration, e.g. configs/demo.yaml")
-    run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable), e.g. train.max_steps=20")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override a config value (repeatable), e.g. train.max_steps=20",
+    )
     run.set_defaults(fn=cmd_run)
 
     demo = sub.add_parser("demo", help="start the stack if needed and run configs/demo.yaml end to end")
-    demo.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a demo config value (repeatable)")
+    demo.add_argument(
+        "--set", action="append", metavar="KEY.PATH=VALUE", help="override a demo config value (repeatable)"
+    )
     demo.set_defaults(fn=cmd_demo)
 
-    val = sub.add_parser("validate", help="check a dataset against a data contract (exit 0 pass, 1 violated, 2 usage error)")
+    val = sub.add_parser(
+        "validate", help="check a dataset against a data contract (exit 0 pass, 1 violated, 2 usage error)"
+    )
     val.add_argument("data", help="dataset file: JSONL, JSON, CSV or Parquet")
-    val.add_argument("--contract", default="instruction_v1", help="contract name in data_contracts/ (default: instruction_v1)")
+    val.add_argument(
+        "--contract", default="instruction_v1", help="contract name in data_contracts/ (default: instruction_v1)"
+    )
     val.add_argument("--out", help="folder for the report and split files (default: $LORAFLOW_HOME/validate/<name>)")
     val.set_defaults(fn=cmd_validate)
 
-    sub.add_parser("config-schema", help="print the JSON schema of the run configuration").set_defaults(fn=cmd_config_schema)
+    sub.add_parser("config-schema", help="print the JSON schema of the run configuration").set_defaults(
+        fn=cmd_config_schema
+    )
     return p
 
 

@@ -60,7 +60,9 @@ class BaseModelConfig(_Section):
 class DataConfig(_Section):
     """The instruction dataset, its contract and the train/eval split."""
 
-    path: str = Field(description="Dataset file (JSONL, JSON, CSV or Parquet); relative paths resolve against the config file.")
+    path: str = Field(
+        description="Dataset file (JSONL, JSON, CSV or Parquet); relative paths resolve against the config file."
+    )
     format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
         "auto", description="File format; 'auto' picks it from the file extension."
     )
@@ -83,7 +85,9 @@ class QuantConfig(_Section):
     """bitsandbytes 4-bit quantization of the base model."""
 
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA default.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA's double quantization).")
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (QLoRA's double quantization)."
+    )
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype the 4-bit weights are dequantized to for matrix products."
     )
@@ -104,7 +108,9 @@ class TrainConfig(_Section):
     """Optimisation of the adapter."""
 
     learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
-    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
@@ -112,11 +118,18 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; exclusive with epochs.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    max_seq_length: int = Field(128, ge=8, description="Tokens per example after templating; longer examples are truncated.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    max_seq_length: int = Field(
+        128, ge=8, description="Tokens per example after templating; longer examples are truncated."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
     seed: int = Field(0, description="Seed for adapter init, dropout and data order.")
     checkpoint_every: int | None = Field(
-        None, ge=1, description="Save the adapter and optimizer state every N steps into the run directory (None: only at the end)."
+        None,
+        ge=1,
+        description="Save the adapter and optimizer state every N steps into the run directory "
+        "(None: only the final adapter).",
     )
     log_every: int = Field(1, ge=1, description="Log the training loss to the tracker every N steps.")
 
@@ -142,7 +155,9 @@ class MergeConfig(_Section):
 
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved merged model.")
     tolerance: float = Field(
-        1e-3, gt=0, description="Largest allowed max-abs logit difference between merged model and 4-bit base + adapter."
+        1e-3,
+        gt=0,
+        description="Largest allowed max-abs logit difference between merged model and 4-bit base + adapter.",
     )
     verify_rows: int = Field(8, ge=1, description="Held-out prompts used for the numerical check.")
 
@@ -150,9 +165,7 @@ class MergeConfig(_Section):
 class RegisterConfig(_Section):
     """Where the adapter goes in the MLflow model registry."""
 
-    model_name: str = Field(
-        min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registered model name."
-    )
+    model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registered model name.")
     alias: str = Field("candidate", pattern=r"^[a-z][a-z0-9_-]*$", description="Alias set on the new version.")
 
 
@@ -161,7 +174,8 @@ class TrackingConfig(_Section):
 
     experiment: str = Field("loraflow", min_length=1, description="MLflow experiment for the run.")
     uri: str | None = Field(
-        None, description="MLflow tracking URI; None takes LORAFLOW's local stack (or MLFLOW_TRACKING_URI) at the entry point."
+        None,
+        description="MLflow tracking URI, e.g. a team server (None: the local stack's MLflow server).",
     )
 
 

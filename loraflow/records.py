@@ -36,7 +36,9 @@ class ValidatedData(Record):
     """A dataset that passed its contract, split into train and eval JSONL files."""
 
     source: str = Field(description="The dataset file as given.")
-    digest: str = Field(description="sha256 of the dataset's canonical content (row order and format independent of file layout).")
+    digest: str = Field(
+        description="sha256 of the dataset's canonical content (row order and format independent of file layout)."
+    )
     file_sha256: str = Field(description="sha256 of the dataset file's bytes.")
     contract: str = Field(description="'<name>@<version>' of the contract it passed.")
     style: str = Field(description="'alpaca' (instruction/input/output) or 'chat' (messages).")

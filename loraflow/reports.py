@@ -35,17 +35,25 @@ def metrics_rows(report: EvalReport) -> list[dict[str, str]]:
     return rows
 
 
-def summary_markdown(version: RegisteredVersion, report: EvalReport, merged: MergedModel, mlflow_run_url: str, stage_seconds: dict[str, float]) -> str:
+def summary_markdown(
+    version: RegisteredVersion,
+    report: EvalReport,
+    merged: MergedModel,
+    mlflow_run_url: str,
+    stage_seconds: dict[str, float],
+) -> str:
     lines = [
         f"# Registered `{version.name}` version {version.version} (alias `{version.alias}`)",
         "",
-        f"MLflow run: [{version.run_id}]({mlflow_run_url}) · load with `mlflow.pyfunc.load_model(\"{version.model_uri}\")`",
+        f"MLflow run: [{version.run_id}]({mlflow_run_url})",
+        f'Load it with `mlflow.pyfunc.load_model("{version.model_uri}")`.',
         "",
         "| metric | base | fine-tuned | change |",
         "|---|---|---|---|",
         *[f"| {r['metric']} | {r['base']} | {r['fine-tuned']} | {r['change']} |" for r in metrics_rows(report)],
         "",
-        f"Merge check: max |Δlogit| = {merged.max_abs_logit_diff:.3g} (tolerance {merged.tolerance:g}); merged model at `{merged.path}`.",
+        f"Merge check: max |Δlogit| = {merged.max_abs_logit_diff:.3g} (tolerance {merged.tolerance:g}).",
+        f"Merged model: `{merged.path}`.",
         "",
         "| stage | seconds |",
         "|---|---|",

@@ -38,6 +38,9 @@ class NullTracker:
         pass
 
 
+NULL_TRACKER = NullTracker()
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -24,12 +24,18 @@ from loraflow.config import EvalConfig
 from loraflow.models import load_quantized, load_tokenizer
 from loraflow.prompts import last_user_turn, prompt_text, reference
 from loraflow.records import Adapter, EvalReport, ModelMetrics, QuantizedBase, ValidatedData
-from loraflow.tracking import NullTracker, Tracker
+from loraflow.tracking import NULL_TRACKER, Tracker
 from tasks.train import collate, encode_all, read_jsonl, token_loss_sum
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, records: list[dict[str, Any]], max_length: int, batch_size: int) -> tuple[float, int]:
+def heldout_loss(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    records: list[dict[str, Any]],
+    max_length: int,
+    batch_size: int,
+) -> tuple[float, int]:
     """Mean response-token cross-entropy and the number of tokens scored."""
     examples = encode_all(tok, records, max_length)
     total, count = 0.0, 0
@@ -41,14 +47,18 @@ def heldout_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, records: 
 
 
 @torch.no_grad()
-def generate_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+def generate_answers(
+    model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list[str], batch_size: int, max_new_tokens: int
+) -> list[str]:
     """Greedy answers, batched with left padding and a KV cache."""
     answers: list[str] = []
     previous_side = tok.padding_side
     tok.padding_side = "left"
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(
+                model.device
+            )
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -68,9 +78,18 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
 
 
-def score(model: torch.nn.Module, tok: PreTrainedTokenizerBase, records: list[dict[str, Any]], gen_records: list[dict[str, Any]], cfg: EvalConfig, max_length: int) -> tuple[ModelMetrics, list[str], list[float]]:
+def score(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    records: list[dict[str, Any]],
+    gen_records: list[dict[str, Any]],
+    cfg: EvalConfig,
+    max_length: int,
+) -> tuple[ModelMetrics, list[str], list[float]]:
     loss, tokens = heldout_loss(model, tok, records, max_length, cfg.batch_size)
-    answers = generate_answers(model, tok, [prompt_text(tok, r) for r in gen_records], cfg.batch_size, cfg.max_new_tokens)
+    answers = generate_answers(
+        model, tok, [prompt_text(tok, r) for r in gen_records], cfg.batch_size, cfg.max_new_tokens
+    )
     scores = rouge_l(answers, [reference(r) for r in gen_records])
     metrics = ModelMetrics(
         loss=loss,
@@ -89,7 +108,7 @@ def evaluate(
     cfg: EvalConfig,
     max_length: int,
     run_dir: Path,
-    tracker: Tracker = NullTracker(),
+    tracker: Tracker = NULL_TRACKER,
 ) -> EvalReport:
     """Score base and fine-tuned models on the held-out split and write answer samples."""
     start = time.perf_counter()
@@ -118,12 +137,16 @@ def evaluate(
             }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     report = EvalReport(
-        base=results["base"][0], finetuned=results["finetuned"][0], samples_path=str(samples), seconds=time.perf_counter() - start
+        base=results["base"][0],
+        finetuned=results["finetuned"][0],
+        samples_path=str(samples),
+        seconds=time.perf_counter() - start,
     )
     for name in ("base", "finetuned"):
         m: ModelMetrics = getattr(report, name)
-        tracker.log_metrics({f"eval/{name}/loss": m.loss, f"eval/{name}/perplexity": m.perplexity, f"eval/{name}/rouge_l": m.rouge_l})
+        tracker.log_metrics(
+            {f"eval/{name}/loss": m.loss, f"eval/{name}/perplexity": m.perplexity, f"eval/{name}/rouge_l": m.rouge_l}
+        )
     tracker.log_metrics({"eval/seconds": report.seconds})
     tracker.log_artifact(samples, "eval")
     return report
-

@@ -21,7 +21,7 @@ from loraflow.errors import StageError
 from loraflow.models import DTYPES, dequantize, load_quantized, load_tokenizer
 from loraflow.prompts import prompt_text, reference
 from loraflow.records import Adapter, MergedModel, QuantizedBase, ValidatedData
-from loraflow.tracking import NullTracker, Tracker
+from loraflow.tracking import NULL_TRACKER, Tracker
 from tasks.train import read_jsonl
 
 
@@ -46,14 +46,16 @@ def merge(
     data: ValidatedData,
     cfg: MergeConfig,
     run_dir: Path,
-    tracker: Tracker = NullTracker(),
+    tracker: Tracker = NULL_TRACKER,
 ) -> MergedModel:
     """Merge, verify against 4-bit base + adapter on held-out prompts, and save."""
     start = time.perf_counter()
     tok = load_tokenizer(adapter.path)
     merged = merge_adapter(base, adapter)
     merged.eval()
-    reference_model = PeftModel.from_pretrained(load_quantized(base.path, device="cpu", compute_dtype="float32"), adapter.path)
+    reference_model = PeftModel.from_pretrained(
+        load_quantized(base.path, device="cpu", compute_dtype="float32"), adapter.path
+    )
     reference_model.eval()
 
     records = read_jsonl(data.eval_path)[: cfg.verify_rows]
@@ -78,7 +80,11 @@ def merge(
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     result = MergedModel(
-        path=str(out), dtype=cfg.dtype, max_abs_logit_diff=diff, tolerance=cfg.tolerance, seconds=time.perf_counter() - start
+        path=str(out),
+        dtype=cfg.dtype,
+        max_abs_logit_diff=diff,
+        tolerance=cfg.tolerance,
+        seconds=time.perf_counter() - start,
     )
     tracker.log_metrics({"merge/seconds": result.seconds})
     return result

@@ -16,9 +16,17 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from loraflow.config import BaseModelConfig, QuantConfig
-from loraflow.models import DTYPES, bnb_config, default_device, checkpoint_bytes, load_tokenizer, model_bytes, prepare_base
+from loraflow.models import (
+    DTYPES,
+    bnb_config,
+    checkpoint_bytes,
+    default_device,
+    load_tokenizer,
+    model_bytes,
+    prepare_base,
+)
 from loraflow.records import QuantizedBase, load_record
-from loraflow.tracking import NullTracker, Tracker
+from loraflow.tracking import NULL_TRACKER, Tracker
 
 RECORD = "quantized.json"
 
@@ -27,7 +35,9 @@ def quant_hash(q: QuantConfig) -> str:
     return hashlib.sha256(json.dumps(q.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def quantize(base_cfg: BaseModelConfig, q: QuantConfig, cache_dir: Path, tracker: Tracker = NullTracker()) -> QuantizedBase:
+def quantize(
+    base_cfg: BaseModelConfig, q: QuantConfig, cache_dir: Path, tracker: Tracker = NULL_TRACKER
+) -> QuantizedBase:
     """Quantize the base model to 4 bits and save it, or reuse the cached checkpoint."""
     start = time.perf_counter()
     base = prepare_base(base_cfg, cache_dir)
@@ -35,10 +45,15 @@ def quantize(base_cfg: BaseModelConfig, q: QuantConfig, cache_dir: Path, tracker
     out = cache_dir / "quantized" / f"{base.digest[:16]}-{qh[:8]}"
     if (out / RECORD).is_file():
         cached = load_record(QuantizedBase, out / RECORD)
-        result = cached.model_copy(update={"path": str(out), "reused": True, "seconds": time.perf_counter() - start, "base": base})
+        result = cached.model_copy(
+            update={"path": str(out), "reused": True, "seconds": time.perf_counter() - start, "base": base}
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            base.path, quantization_config=bnb_config(q), dtype=DTYPES[q.compute_dtype], device_map={"": default_device()}
+            base.path,
+            quantization_config=bnb_config(q),
+            dtype=DTYPES[q.compute_dtype],
+            device_map={"": default_device()},
         )
         tok = load_tokenizer(base.path)
         out.parent.mkdir(parents=True, exist_ok=True)

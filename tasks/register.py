@@ -107,5 +107,7 @@ def adapter_files(tracking_uri: str, name: str, alias: str, dst: Path) -> Path:
     """Download a registered version's adapter folder (for ``PeftModel.from_pretrained``)."""
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@{alias}", dst_path=str(dst), tracking_uri=tracking_uri)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}@{alias}", dst_path=str(dst), tracking_uri=tracking_uri
+    )
     return Path(local) / "artifacts" / "adapter"

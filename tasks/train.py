@@ -27,7 +27,7 @@ from loraflow.errors import DataError
 from loraflow.models import load_quantized, load_tokenizer
 from loraflow.prompts import IGNORE_INDEX, Encoded, encode
 from loraflow.records import Adapter, QuantizedBase, ValidatedData
-from loraflow.tracking import NullTracker, Tracker
+from loraflow.tracking import NULL_TRACKER, Tracker
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -132,7 +132,7 @@ def train(
     lora: LoraConfig,
     cfg: TrainConfig,
     run_dir: Path,
-    tracker: Tracker = NullTracker(),
+    tracker: Tracker = NULL_TRACKER,
     progress: bool = True,
 ) -> Adapter:
     """Train a LoRA adapter on the 4-bit base and save it under ``run_dir/adapter``."""
@@ -142,7 +142,8 @@ def train(
     if len(examples) < cfg.batch_size:
         raise DataError(
             f"only {len(examples)} training examples keep a response within max_seq_length={cfg.max_seq_length} "
-            f"tokens, fewer than one batch of {cfg.batch_size}: add data, raise train.max_seq_length or lower train.batch_size."
+            f"tokens, fewer than one batch of {cfg.batch_size}: "
+            "add data, raise train.max_seq_length or lower train.batch_size."
         )
     steps, epochs = total_steps(cfg, len(examples))
     tracker.log_params(
@@ -156,7 +157,9 @@ def train(
         model = prepare_for_training(load_quantized(base.path), lora, cfg.gradient_checkpointing)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+        scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
+        )
         batches = micro_batches(examples, cfg.batch_size, cfg.seed)
         curve: list[dict[str, float]] = []
         checkpoints: list[str] = []
@@ -182,7 +185,9 @@ def train(
             window.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if step % cfg.log_every == 0 or step == steps:
-                tracker.log_metrics({"train/loss": sum(window) / len(window), "train/lr": lr, "train/grad_norm": grad_norm}, step)
+                tracker.log_metrics(
+                    {"train/loss": sum(window) / len(window), "train/lr": lr, "train/grad_norm": grad_norm}, step
+                )
                 last_window, window = window, []
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
                 ck = save_checkpoint(model, optimizer, scheduler, step, run_dir / "checkpoints" / f"step-{step:06d}")

@@ -1,6 +1,6 @@
 """GPU: the CUDA 4-bit kernels under the real stage code (skipped without CUDA; run on the lent H200).
 
-    python -m pytest tests/test_gpu.py -m gpu -q
+python -m pytest tests/test_gpu.py -m gpu -q
 """
 
 from __future__ import annotations
