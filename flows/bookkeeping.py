@@ -3,23 +3,45 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from loraflow.config import PipelineConfig
+from loraflow.errors import UsageError
 from loraflow.lineage import code_version
 from loraflow.records import (
     EvalReport,
     Lineage,
     MergedModel,
+    PromotionResult,
     QuantizedBase,
     RegisteredVersion,
     RunSummary,
     ValidatedData,
 )
 from loraflow.reports import metrics_rows, summary_markdown
-from loraflow.tracking import MlflowTracker
+from loraflow.tracking import FAILED_STAGE_TAG, FAILURE_TAG, MlflowTracker
+
+
+def resolve_locations(config: PipelineConfig, home: str | None, tracking_uri: str | None) -> tuple[Path, str]:
+    """Run home and MLflow URI: explicit arguments first, then the config, then the worker's environment.
+
+    A flow started from a deployment is an entry point of its own, so this is where its
+    environment is read.
+    """
+    home = home or os.environ.get("LORAFLOW_HOME")
+    tracking_uri = tracking_uri or config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    missing = [name for name, value in (("LORAFLOW_HOME", home), ("MLFLOW_TRACKING_URI", tracking_uri)) if not value]
+    if missing:
+        raise UsageError(
+            f"the finetune flow does not know {' and '.join(missing)}: pass them as flow parameters, or start "
+            "the worker with them set (`loraflow up` does)."
+        )
+    return Path(home).resolve(), tracking_uri
 
 
 def start_parent_run(
@@ -46,8 +68,35 @@ def start_parent_run(
     return run_dir, parent
 
 
+@contextmanager
+def reporting_failure(parent: MlflowTracker) -> Iterator[None]:
+    """End the MLflow run FAILED or FINISHED; on failure publish which stage failed and why.
+
+    The Prefect markdown artifact `finetune-failure` names the stage, the reason and the MLflow run,
+    so that the flow run's page says what went wrong without reading logs.
+    """
+    try:
+        with parent.run_status():
+            yield
+    except BaseException as e:
+        from prefect.artifacts import create_markdown_artifact
+
+        tags = parent.client.get_run(parent.run_id).data.tags
+        stage = tags.get(FAILED_STAGE_TAG, "orchestration")
+        reason = tags.get(FAILURE_TAG, f"{type(e).__name__}: {e}")
+        create_markdown_artifact(
+            f"# finetune failed in stage `{stage}`\n\n```\n{reason}\n```\n\n"
+            f"Nothing was registered. MLflow run: [{parent.run_id}]({parent.url})",
+            key="finetune-failure",
+            description=f"finetune failed in stage {stage}",
+        )
+        raise
+
+
 def lineage_of(config: PipelineConfig, data: ValidatedData, base: QuantizedBase, parent: MlflowTracker) -> Lineage:
     run = parent.client.get_run(parent.run_id)
+    # The held-out split goes with the run: the promotion gate re-scores a champion on it.
+    parent.log_artifact(data.eval_path, "data")
     return Lineage(
         data_digest=data.digest,
         data_source=data.source,
@@ -58,11 +107,17 @@ def lineage_of(config: PipelineConfig, data: ValidatedData, base: QuantizedBase,
         code_version=run.data.tags["loraflow.code_version"],
         flow_run_id=run.data.tags["loraflow.flow_run_id"],
         mlflow_run_id=parent.run_id,
+        eval_split=f"runs:/{parent.run_id}/data/{Path(data.eval_path).name}",
     )
 
 
 def publish_summary(
-    version: RegisteredVersion, evaluation: EvalReport, merged: MergedModel, run_dir: Path, parent: MlflowTracker
+    version: RegisteredVersion,
+    evaluation: EvalReport,
+    merged: MergedModel,
+    run_dir: Path,
+    parent: MlflowTracker,
+    promotion: PromotionResult | None = None,
 ) -> RunSummary:
     """Tag the parent run, publish Prefect artifacts that link to it, and return the run summary."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -74,6 +129,7 @@ def publish_summary(
         version=version,
         evaluation=evaluation,
         merged=merged,
+        promotion=promotion,
         run_dir=str(run_dir),
         mlflow_run_url=parent.url,
         flow_run_id=parent.client.get_run(parent.run_id).data.tags["loraflow.flow_run_id"],

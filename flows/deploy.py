@@ -1,24 +1,178 @@
-"""Deployments of loraflow's flows on the local stack (applied by `loraflow up`; idempotent)."""
+"""Deployments as code: what `loraflow deploy` (and `loraflow up`) apply to a Prefect server.
+
+| deployment              | flow     | pool | schedule                                |
+|-------------------------|----------|------|-----------------------------------------|
+| finetune/cpu            | finetune | cpu  | on demand (Prefect UI form, API, CLI)   |
+| finetune/retrain-nightly| finetune | cpu  | cron 0 3 * * *, timezone explicit (UTC) |
+| train/gpu               | train    | gpu  | started by finetune via run_deployment  |
+
+Applying is idempotent: deploying again updates the deployments in place. The `gpu` pool has a
+concurrency limit of 1 (one training run per GPU); the `cpu` pool runs the orchestrating flows.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraflow.config import PipelineConfig, load_config
 from loraflow.lineage import REPO_ROOT
 
-TRAIN_DEPLOYMENT = "gpu"
+CPU_POOL = "cpu"
+GPU_POOL = "gpu"
+NIGHTLY_CRON = "0 3 * * *"
+NIGHTLY_TIMEZONE = "UTC"
 
 
-def deploy_train(pool: str) -> str:
-    """Create or update the `train/gpu` deployment on work pool ``pool``; returns its id."""
-    from flows.train import train_flow
+@dataclass(frozen=True)
+class Deployed:
+    name: str  # "<flow>/<deployment>"
+    pool: str
+    id: str
 
-    source_flow = train_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/train.py:train_flow")
-    deployment_id = source_flow.deploy(
-        name=TRAIN_DEPLOYMENT,
-        work_pool_name=pool,
-        build=False,
-        push=False,
-        print_next_steps=False,
-        ignore_warnings=True,
-        description="Trains a LoRA adapter on the 4-bit base; started by the finetune flow.",
+
+def _from_source(entrypoint: str):
+    from prefect import Flow
+
+    return Flow.from_source(source=str(REPO_ROOT), entrypoint=entrypoint)
+
+
+def _deploy(entrypoint: str, name: str, pool: str, **kwargs) -> str:
+    deployment_id = _from_source(entrypoint).deploy(
+        name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False, ignore_warnings=True, **kwargs
     )
     return str(deployment_id)
+
+
+def deploy_train(pool: str = GPU_POOL) -> Deployed:
+    """The `train/gpu` deployment the finetune flow reaches with run_deployment."""
+    dep_id = _deploy(
+        "flows/train.py:train_flow",
+        "gpu",
+        pool,
+        description="Trains a LoRA adapter on the 4-bit base; started by the finetune flow.",
+        concurrency_limit=1,
+    )
+    return Deployed("train/gpu", pool, dep_id)
+
+
+def ensure_pools(limits: dict[str, int | None]) -> None:
+    """Create missing process work pools and set their concurrency limits (None: unlimited)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        for name, limit in limits.items():
+            try:
+                pool = client.read_work_pool(name)
+            except ObjectNotFound:
+                template = ProcessWorker.get_default_base_job_template()
+                client.create_work_pool(
+                    WorkPoolCreate(name=name, type="process", base_job_template=template, concurrency_limit=limit)
+                )
+                continue
+            if pool.concurrency_limit != limit:
+                client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
+
+
+ALERT_AUTOMATION = "loraflow-run-failed"
+ALERT_BLOCK = "loraflow-alerts"
+
+
+def ensure_failure_alert(webhook_url: str) -> str:
+    """An automation that POSTs to ``webhook_url`` when a finetune or train flow run fails or crashes.
+
+    The webhook is a Prefect notification block (Slack, Teams and friends accept the same JSON
+    POST); re-applying replaces the automation, so it is idempotent. Returns the automation id.
+    """
+    from prefect.automations import Automation, EventTrigger, SendNotification
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+
+    block = CustomWebhookNotificationBlock(
+        name=ALERT_BLOCK,
+        url=webhook_url,
+        json_data={"text": "{{body}}", "subject": "{{subject}}"},
+        allow_private_urls=True,
+    )
+    block_id = block.save(ALERT_BLOCK, overwrite=True)
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(name=ALERT_AUTOMATION):
+            client.delete_automation(old.id)
+    automation = Automation(
+        name=ALERT_AUTOMATION,
+        description="Notify when a loraflow finetune or train flow run fails or crashes.",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": ["finetune", "train"]},
+            posture="Reactive",
+            threshold=1,
+        ),
+        actions=[
+            SendNotification(
+                block_document_id=block_id,
+                subject="loraflow: flow run {{ flow_run.name }} {{ flow_run.state.name }}",
+                body="Flow {{ flow.name }} run {{ flow_run.name }} ({{ flow_run.id }}) ended "
+                "{{ flow_run.state.name }}: {{ flow_run.state.message }}",
+            )
+        ],
+    ).create()
+    return str(automation.id)
+
+
+CHOICE_FILE = "deployments.json"
+
+
+def save_choice(home: Path, config: Path) -> None:
+    """Remember which config `loraflow deploy` used, so that `loraflow up` re-applies the same defaults."""
+    (home / CHOICE_FILE).write_text(json.dumps({"config": str(config)}))
+
+
+def apply_saved(home: Path, default_config: Path) -> list[Deployed]:
+    """Apply the deployments with the config chosen by the last `loraflow deploy` (else ``default_config``)."""
+    choice = home / CHOICE_FILE
+    config = Path(json.loads(choice.read_text())["config"]) if choice.is_file() else default_config
+    return deploy_all(config)
+
+
+def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = GPU_POOL) -> list[Deployed]:
+    """Create the pools and apply every loraflow deployment; ``default_config`` fills the form's defaults."""
+    from prefect.schedules import Cron
+
+    config: PipelineConfig = load_config(default_config)
+    ensure_pools({cpu_pool: None, gpu_pool: 1})
+    defaults = {"config": config.model_dump(mode="json")}
+    out = [deploy_train(gpu_pool)]
+    out.append(
+        Deployed(
+            "finetune/cpu",
+            cpu_pool,
+            _deploy(
+                "flows/finetune.py:finetune",
+                "cpu",
+                cpu_pool,
+                parameters=defaults,
+                description="Fine-tune on demand: the form sets data, base model, LoRA and training settings.",
+            ),
+        )
+    )
+    nightly = config.model_copy(update={"run_name": None})
+    out.append(
+        Deployed(
+            "finetune/retrain-nightly",
+            cpu_pool,
+            _deploy(
+                "flows/finetune.py:finetune",
+                "retrain-nightly",
+                cpu_pool,
+                parameters={"config": nightly.model_dump(mode="json")},
+                schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
+                description=f"Retrain on the latest data every night ({NIGHTLY_CRON} {NIGHTLY_TIMEZONE}).",
+            ),
+        )
+    )
+    return out

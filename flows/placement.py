@@ -7,7 +7,7 @@ from pathlib import Path
 from loraflow.config import PipelineConfig
 from loraflow.errors import StageError
 from loraflow.records import Adapter, QuantizedBase, ValidatedData, load_record
-from loraflow.tracking import MlflowTracker
+from loraflow.tracking import FAILED_STAGE_TAG, MlflowTracker
 
 
 def train_on_pool(
@@ -34,6 +34,7 @@ def train_on_pool(
     run = run_deployment(orchestration.train_deployment, parameters=jsonable, timeout=orchestration.train_timeout_s)
     state = run.state
     if state is None or not state.is_completed():
+        parent.set_tags({FAILED_STAGE_TAG: "train"})
         state_name = state.name if state else "unknown"
         raise StageError(
             f"the train flow run '{run.name}' ({run.id}) on deployment '{orchestration.train_deployment}' ended "

@@ -39,6 +39,8 @@ class NullTracker:
 
 
 NULL_TRACKER = NullTracker()
+FAILED_STAGE_TAG = "loraflow.failed_stage"
+FAILURE_TAG = "loraflow.failure"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -137,14 +139,16 @@ class MlflowTracker:
 def stage_run(parent: MlflowTracker, stage: str) -> Iterator[MlflowTracker]:
     """A nested MLflow run for one stage; its wall time goes to the parent as ``stage_seconds/<stage>``.
 
-    The nested run ends FAILED when the stage raises, so a failed stage is visible in the UI.
+    The nested run ends FAILED when the stage raises, so a failed stage is visible in the UI, and
+    the parent is tagged with the stage and the reason (``loraflow.failed_stage``, ``loraflow.failure``).
     """
     child = parent.child(stage)
     start = time.perf_counter()
     try:
         yield child
-    except BaseException:
+    except BaseException as e:
         child.end("FAILED")
+        parent.set_tags({FAILED_STAGE_TAG: stage, FAILURE_TAG: f"{type(e).__name__}: {e}"[:4000]})
         raise
     seconds = time.perf_counter() - start
     child.log_metrics({"seconds": seconds})
