@@ -25,7 +25,7 @@ def finetune(config: PipelineConfig, home: str, tracking_uri: str) -> RunSummary
     """Fine-tune the base model on the dataset and register the adapter as a candidate."""
     run_dir, parent = start_parent_run(config, Path(home), tracking_uri, flow_run.get_id() or "local")
     with parent.run_status():
-        data = validate_stage(config, run_dir, parent)
+        data = validate_stage(config, run_dir, Path(home) / "cache", parent)
         base = quantize_stage(config, Path(home) / "cache", parent)
         adapter = train_on_pool(config, base, data, run_dir, parent)
         evaluation = evaluate_stage(config, base, adapter, data, run_dir, parent)

@@ -17,19 +17,50 @@ from loraflow.tracking import MlflowTracker, stage_run
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_stage(config: PipelineConfig, run_dir: Path, parent: MlflowTracker) -> ValidatedData:
+def validate_stage(config: PipelineConfig, run_dir: Path, cache_dir: Path, parent: MlflowTracker) -> ValidatedData:
+    from loraflow.models import prepare_base
     from tasks.validate import validate
 
     with stage_run(parent, "validate") as tracker:
+        # Example lengths are counted with the run's own tokenizer (cheap: quantize reuses this).
+        base = prepare_base(config.base_model, cache_dir)
         try:
-            data = validate(config.data, run_dir)
-        finally:  # the report explains a violation: keep it with the run either way
-            report = run_dir / "data" / "validation_report.json"
-            if report.is_file():
-                parent.log_artifact(report, "data")
+            data = validate(config.data, run_dir, base.path, config.train.max_seq_length)
+        finally:  # the reports explain a violation: keep them with the run either way
+            _publish_validation(run_dir / "data", parent, tracker)
         tracker.log_params({"contract": data.contract, "data_digest": data.digest, "rows": data.rows})
-        tracker.log_metrics({"rows": data.rows, "train_rows": data.train_rows, "eval_rows": data.eval_rows})
+        tracker.log_metrics({"train_rows": data.train_rows, "eval_rows": data.eval_rows})
     return data
+
+
+def _publish_validation(folder: Path, parent: MlflowTracker, tracker: MlflowTracker) -> None:
+    """Attach the reports and quarantine file to the run; link them from a Prefect markdown artifact."""
+    import json
+
+    from prefect.artifacts import create_markdown_artifact
+
+    from loraflow.datareport import markdown
+
+    for name in ("validation_report.json", "validation_report.html", "quarantine.jsonl"):
+        if (folder / name).is_file():
+            parent.log_artifact(folder / name, "data")
+    report_file = folder / "validation_report.json"
+    if not report_file.is_file():  # the file could not be read at all: the error says why
+        return
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    q, t = report.get("quarantine") or {}, report.get("tokens") or {}
+    tracker.log_metrics(
+        {
+            "rows": report["rows"],
+            "failed_expectations": report["failed"],
+            "quarantined_rows": q.get("rows", 0),
+            "quarantined_share": q.get("share", 0.0),
+            **({"truncated_share": t["truncated_share"]} if t else {}),
+        }
+    )
+    create_markdown_artifact(
+        markdown(report, parent.url), key="data-contract", description=f"{report['contract']}: {report['status']}"
+    )
 
 
 @task(name="quantize", cache_policy=NO_CACHE)

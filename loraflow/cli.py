@@ -129,13 +129,17 @@ def _print_summary(summary, settings) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from loraflow.datareport import format_report
     from tasks.validate import validate_file
 
+    if (args.tokenizer is None) != (args.max_seq_length is None):
+        raise UsageError("--tokenizer and --max-seq-length go together (the token-length check needs both)")
     run_dir = Path(args.out) if args.out else _settings().home / "validate" / Path(args.data).stem
-    data = validate_file(args.data, args.contract, run_dir)
+    data = validate_file(args.data, args.contract, run_dir, args.policy, args.tokenizer, args.max_seq_length)
+    print(format_report(json.loads(Path(data.report_path).read_text(encoding="utf-8"))))
     print(
-        f"PASSED contract {data.contract}: {data.rows} rows ({data.train_rows} train / {data.eval_rows} eval), "
-        f"digest {data.digest[:16]}\nreport: {data.report_path}"
+        f"PASSED contract {data.contract}: {data.rows} rows ({data.train_rows} train / {data.eval_rows} eval, "
+        f"{data.quarantined_rows} quarantined), digest {data.digest[:16]}"
     )
     return 0
 
@@ -185,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--contract", default="instruction_v1", help="contract name in data_contracts/ (default: instruction_v1)"
     )
     val.add_argument("--out", help="folder for the report and split files (default: $LORAFLOW_HOME/validate/<name>)")
+    val.add_argument(
+        "--policy",
+        choices=["fail", "quarantine"],
+        default="fail",
+        help="fail: any violation fails; quarantine: set bad rows aside up to the contract's limit",
+    )
+    val.add_argument("--tokenizer", help="model folder whose tokenizer measures example length (with --max-seq-length)")
+    val.add_argument("--max-seq-length", type=int, help="training max_seq_length the examples must fit")
     val.set_defaults(fn=cmd_validate)
 
     sub.add_parser("config-schema", help="print the JSON schema of the run configuration").set_defaults(

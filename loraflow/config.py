@@ -79,6 +79,21 @@ class DataConfig(_Section):
         None, ge=1, description="Optional cap on training rows after the split (None: all)."
     )
     split_seed: int = Field(0, description="Seed of the deterministic train/eval split.")
+    policy: Literal["fail", "quarantine"] = Field(
+        "fail",
+        description="What a contract violation does. 'fail': any failed expectation stops the run (nothing is "
+        "trained or registered). 'quarantine': rows failing row-level expectations are set aside in "
+        "data/quarantine.jsonl with their reasons, and the run continues only while their share stays under "
+        "the contract's quarantine.max_share; table-level failures (row count, missing column) still stop it.",
+    )
+    allowed_roots: list[str] | None = Field(
+        None,
+        description="Directories the dataset file must lie in (symlinks resolved; relative entries resolve "
+        "against the config file). When a config file leaves it out, it defaults to the project holding that "
+        "file (the nearest folder above it with a pyproject.toml or .git, else the file's own folder). None "
+        "(a config built in code, or `loraflow validate` on a path typed by the user) allows any path: set it "
+        "explicitly for configs that arrive as deployment parameters.",
+    )
 
 
 class QuantConfig(_Section):
@@ -293,3 +308,16 @@ def _resolve_relative_paths(data: dict[str, Any], root: Path) -> None:
             p = node["path"]
             if not p.startswith("pkg:") and not Path(p).is_absolute():
                 node["path"] = str((root / p).resolve())
+    node = data.get("data")
+    if isinstance(node, dict):
+        roots = node.get("allowed_roots", [str(_project_root(root))])
+        if isinstance(roots, list):
+            node["allowed_roots"] = [str((root / r).resolve()) if isinstance(r, str) else r for r in roots]
+
+
+def _project_root(folder: Path) -> Path:
+    """The nearest folder at or above ``folder`` holding pyproject.toml or .git; else ``folder`` itself."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / "pyproject.toml").exists() or (candidate / ".git").exists():
+            return candidate
+    return folder

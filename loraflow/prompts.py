@@ -67,17 +67,15 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def encode(tok: PreTrainedTokenizerBase, record: dict[str, Any], max_length: int) -> Encoded:
-    """Token ids and labels for one record; only assistant turns are labelled.
+def segments(tok: PreTrainedTokenizerBase, record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(prompt text, assistant text) per assistant turn, exactly the pieces :func:`encode` tokenizes.
 
     Each assistant turn is found by rendering the conversation up to it with and without the
-    turn, and tokenizing the two pieces separately (so a BPE merge across the boundary can never
-    shift the mask). Truncation keeps the start; an example whose labels are all cut off has
-    ``label_tokens == 0`` and is skipped by the caller.
+    turn; the two pieces are tokenized separately (so a BPE merge across the boundary can never
+    shift the mask).
     """
     messages = to_messages(record)
-    ids: list[int] = []
-    labels: list[int] = []
+    pieces: list[tuple[str, str]] = []
     rendered = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -86,9 +84,40 @@ def encode(tok: PreTrainedTokenizerBase, record: dict[str, Any], max_length: int
         full = _render(tok, messages[: i + 1], add_generation_prompt=False)
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise ValueError("the chat template is not prefix-consistent; cannot mask prompt tokens")
-        p_ids = tok(prompt[len(rendered) :], add_special_tokens=False)["input_ids"]
-        c_ids = tok(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        pieces.append((prompt[len(rendered) :], full[len(prompt) :]))
+        rendered = full
+    return pieces
+
+
+def encode(tok: PreTrainedTokenizerBase, record: dict[str, Any], max_length: int) -> Encoded:
+    """Token ids and labels for one record; only assistant turns are labelled.
+
+    Truncation keeps the start; an example whose labels are all cut off has
+    ``label_tokens == 0`` and is skipped by the caller.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for prompt, completion in segments(tok, record):
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        c_ids = tok(completion, add_special_tokens=False)["input_ids"]
         ids += p_ids + c_ids
         labels += [IGNORE_INDEX] * len(p_ids) + c_ids
-        rendered = full
     return Encoded(ids[:max_length], labels[:max_length])
+
+
+def token_lengths(tok: PreTrainedTokenizerBase, pieces: list[list[tuple[str, str]]]) -> list[int]:
+    """Untruncated length of each example given its :func:`segments`, tokenized in one batch.
+
+    Equals ``len(encode(tok, record, inf).input_ids)`` (each piece is tokenized on its own either
+    way), at a fraction of the cost on large datasets.
+    """
+    flat = [text for example in pieces for pair in example for text in pair]
+    if not flat:
+        return [0] * len(pieces)
+    ids = tok(flat, add_special_tokens=False)["input_ids"]
+    out, k = [], 0
+    for example in pieces:
+        n = 2 * len(example)
+        out.append(sum(len(x) for x in ids[k : k + n]))
+        k += n
+    return out

@@ -48,6 +48,9 @@ class ValidatedData(Record):
     train_path: str
     eval_path: str
     report_path: str = Field(description="Validation report (JSON) in the run directory.")
+    html_report_path: str | None = Field(None, description="The same report as a self-contained HTML page.")
+    quarantined_rows: int = Field(0, description="Rows set aside by the quarantine policy (not trained on).")
+    quarantine_path: str | None = Field(None, description="JSONL of the rows set aside, each with its reasons.")
 
 
 class BaseModelRef(Record):
