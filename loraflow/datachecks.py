@@ -30,6 +30,7 @@ MAX_EXAMPLES = 5
 _WS = re.compile(r"\s+")
 _TRAILING = re.compile(r"[\s.!?,;:]+$")
 # Lone surrogates come from undecodable bytes (read with surrogateescape) or from "\udcxx" escapes.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _BAD_CHAR = re.compile("[\ud800-\udfff\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
@@ -299,7 +300,7 @@ class SuiteRunner:
             self.seen_columns.update(row.record)
         style = self.contract.style
         columns: dict[str, Any] = {
-            col: pd.Series([r.record.get(col) for r in rows], dtype=object) for col in self.contract.columns
+            col: pd.Series([_gx_safe(r.record.get(col)) for r in rows], dtype=object) for col in self.contract.columns
         }
         features = [row_features(rec, style) for rec in recs]
         for name in features[0] if features else ():
@@ -406,6 +407,16 @@ class SuiteRunner:
         return [o.check.label for o in self.results if o.skipped and o.skipped.startswith("column")]
 
 
+def _gx_safe(value: Any) -> Any:
+    """Lone surrogates (undecodable bytes) replaced by U+FFFD: pandas' Arrow-backed string ops refuse them.
+
+    The ``encoding`` column is computed from the original text, so the row is still reported.
+    """
+    if isinstance(value, str) and _SURROGATE.search(value):
+        return _SURROGATE.sub("\ufffd", value)
+    return value
+
+
 def _suite(gx: Any, name: str, checks: list[Check]) -> Any:
     expectations = []
     for c in checks:
@@ -423,7 +434,7 @@ def _example_value(
     if col == "response_equals_prompt":
         return short(prompt_and_response(rec, style)[1])
     if col in derived.index and col not in record:
-        return short(derived[col])
+        return short(derived[col], 160)
     return short(record.get(col))
 
 
