@@ -23,6 +23,10 @@ from loraflow.errors import LoraflowError, UsageError
 from loraflow.lineage import REPO_ROOT
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+BACKEND_HELP = (
+    "databases of the Prefect and MLflow servers for a new LORAFLOW_HOME: sqlite files (default) or a private "
+    "PostgreSQL server (needs Debian's postgresql package); fixed once the home exists"
+)
 
 # Offline and quiet by default: the Hub is unreachable, and telemetry has nowhere to go.
 QUIET_ENV = {
@@ -38,14 +42,15 @@ QUIET_ENV = {
 }
 
 
-def _settings():
+def _settings(backend: str | None = None):
     """The local stack's settings; this process's Prefect and MLflow clients are pointed at it.
 
     The variables must be set before Prefect is first imported: it reads its settings then.
+    ``backend`` (from `--backend`) is checked against the one recorded in LORAFLOW_HOME.
     """
     from loraflow.stack import StackSettings, client_env
 
-    settings = StackSettings.from_env(os.environ)
+    settings = StackSettings.from_env(os.environ, backend=backend)
     os.environ.update(client_env(settings))
     return settings
 
@@ -53,7 +58,7 @@ def _settings():
 def cmd_up(args: argparse.Namespace) -> int:
     from loraflow.stack import up
 
-    settings = _settings()
+    settings = _settings(args.backend)
     status = up(settings)
     from flows.deploy import deploy_train
 
@@ -84,15 +89,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _run(DEMO_CONFIG, args.set or [], start_stack=True)
+    return _run(DEMO_CONFIG, args.set or [], start_stack=True, backend=args.backend)
 
 
-def _run(config_path: Path, overrides: list[str], start_stack: bool) -> int:
+def _run(config_path: Path, overrides: list[str], start_stack: bool, backend: str | None = None) -> int:
     from loraflow.config import load_config
     from loraflow.stack import status, up
 
     config = load_config(config_path, overrides)  # fails before any work starts
-    settings = _settings()
+    settings = _settings(backend)
     if start_stack:
         up(settings)
     elif not status(settings).all_healthy:
@@ -157,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser(
+    up_cmd = sub.add_parser(
         "up", help="start the local stack (idempotent; waits until healthy) and deploy the train flow"
-    ).set_defaults(fn=cmd_up)
+    )
+    up_cmd.add_argument("--backend", choices=["sqlite", "postgres"], help=BACKEND_HELP)
+    up_cmd.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop what `loraflow up` started").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="show the local stack's services (exit 1 unless all are healthy)").set_defaults(
         fn=cmd_status
@@ -179,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--set", action="append", metavar="KEY.PATH=VALUE", help="override a demo config value (repeatable)"
     )
+    demo.add_argument("--backend", choices=["sqlite", "postgres"], help=BACKEND_HELP)
     demo.set_defaults(fn=cmd_demo)
 
     val = sub.add_parser(

@@ -1,8 +1,13 @@
 """The local stack behind `loraflow up` / `down` / `status`: a Prefect server, an MLflow server and
 a Prefect worker on the GPU work pool, all on 127.0.0.1 with their state under one home folder.
+With the `postgres` backend a fourth service, a private PostgreSQL server, holds both servers'
+databases instead of SQLite files.
 
+    home/stack.json         the backend this home was created with ("sqlite" or "postgres"); fixed
     home/prefect/           PREFECT_HOME of the server and the worker (SQLite prefect.db)
-    home/mlflow/            mlflow.db and artifacts/
+    home/mlflow/            mlflow.db and artifacts/ (artifacts stay files with either backend)
+    home/postgres/data/     PGDATA (postgres backend; owned by the OS user `postgres` when run as root)
+    home/postgres/password  the database role's password (mode 0600)
     home/logs/<name>.log    each service's stdout + stderr (the previous run's kept as .log.1)
     home/run/<name>.pid     JSON: pid, process start time and argv, so that a recycled pid is never
                             taken for ours
@@ -14,10 +19,15 @@ and clients get theirs from `client_env`.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import pwd
+import secrets
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -25,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal, get_args
 
 import httpx
 import psutil
@@ -34,7 +45,17 @@ from loraflow.errors import StackError, UsageError
 PREFECT = "prefect"
 MLFLOW = "mlflow"
 WORKER = "worker"
-SERVICES = (PREFECT, MLFLOW, WORKER)
+POSTGRES = "postgres"
+SERVICES = (PREFECT, MLFLOW, WORKER)  # the sqlite backend's; the postgres backend starts POSTGRES first
+
+Backend = Literal["sqlite", "postgres"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+# One database per server, both owned by one role.
+DATABASES = (PREFECT, MLFLOW)
+_PG_ROLE = "loraflow"
+# PostgreSQL refuses to run as root; run as root, loraflow runs initdb and the server as this OS user
+# (created by Debian's postgresql package).
+_PG_OS_USER = "postgres"
 
 # The worker polls for scheduled runs every QUERY seconds (Prefect's default 10 s makes every
 # deployment run wait up to 10 s before it starts) and heartbeats every HEARTBEAT seconds.
@@ -57,14 +78,24 @@ class StackSettings:
     prefect_port: int = 4200  # Prefect API + UI
     mlflow_port: int = 5000  # MLflow tracking + registry + artifact proxy
     pool: str = "gpu"  # the process work pool (concurrency 1) that the worker serves
+    backend: Backend = "sqlite"  # where Prefect and MLflow keep their databases; fixed per home
+    postgres_port: int = 5432  # the private PostgreSQL server (postgres backend only)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> StackSettings:
-        """Read LORAFLOW_HOME (default ./.loraflow), LORAFLOW_PREFECT_PORT and LORAFLOW_MLFLOW_PORT."""
+    def from_env(cls, environ: Mapping[str, str], backend: Backend | None = None) -> StackSettings:
+        """Read LORAFLOW_HOME (default ./.loraflow) and LORAFLOW_{PREFECT,MLFLOW,POSTGRES}_PORT.
+
+        The backend is the one recorded in the home; ``backend`` (from `up --backend`) picks it for
+        a new home and must match the recorded one otherwise (UsageError).
+        """
         home = Path(environ.get("LORAFLOW_HOME") or ".loraflow").expanduser().resolve()
         ports = {}
         problems = []
-        for var, default in (("LORAFLOW_PREFECT_PORT", cls.prefect_port), ("LORAFLOW_MLFLOW_PORT", cls.mlflow_port)):
+        for var, default in (
+            ("LORAFLOW_PREFECT_PORT", cls.prefect_port),
+            ("LORAFLOW_MLFLOW_PORT", cls.mlflow_port),
+            ("LORAFLOW_POSTGRES_PORT", cls.postgres_port),
+        ):
             raw = environ.get(var) or str(default)
             if not raw.isdigit() or not 0 < int(raw) < 65536:
                 problems.append(f"{var}={raw!r} is not a TCP port (1-65535)")
@@ -72,7 +103,20 @@ class StackSettings:
                 ports[var] = int(raw)
         if problems:
             raise UsageError("; ".join(problems))
-        return cls(home=home, prefect_port=ports["LORAFLOW_PREFECT_PORT"], mlflow_port=ports["LORAFLOW_MLFLOW_PORT"])
+        recorded = recorded_backend(home)
+        _check_backend(home, recorded, backend)
+        return cls(
+            home=home,
+            prefect_port=ports["LORAFLOW_PREFECT_PORT"],
+            mlflow_port=ports["LORAFLOW_MLFLOW_PORT"],
+            backend=backend or recorded or "sqlite",
+            postgres_port=ports["LORAFLOW_POSTGRES_PORT"],
+        )
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """This backend's services in start order."""
+        return (POSTGRES, *SERVICES) if self.backend == "postgres" else SERVICES
 
     @property
     def prefect_home(self) -> Path:
@@ -81,6 +125,14 @@ class StackSettings:
     @property
     def mlflow_dir(self) -> Path:
         return self.home / "mlflow"
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.home / "postgres"
+
+    @property
+    def pgdata(self) -> Path:
+        return self.postgres_dir / "data"
 
     @property
     def prefect_api_url(self) -> str:
@@ -145,6 +197,184 @@ def client_env(s: StackSettings) -> dict[str, str]:
     return {"PREFECT_API_URL": s.prefect_api_url, "MLFLOW_TRACKING_URI": s.mlflow_url}
 
 
+# --- backend ------------------------------------------------------------------------------------
+
+
+def _record_path(home: Path) -> Path:
+    return home / "stack.json"
+
+
+def recorded_backend(home: Path) -> Backend | None:
+    """The backend the stack under ``home`` was created with, or None for a new home."""
+    path = _record_path(home)
+    try:
+        backend = json.loads(path.read_text())["backend"]
+    except FileNotFoundError:
+        # A home from before the backend was recorded holds SQLite databases.
+        legacy = (home / "prefect" / "prefect.db").exists() or (home / "mlflow" / "mlflow.db").exists()
+        return "sqlite" if legacy else None
+    except (ValueError, KeyError, TypeError) as e:
+        raise StackError(f'{path} is damaged ({e}); it should read {{"backend": "sqlite"}} or "postgres".') from e
+    if backend not in BACKENDS:
+        raise StackError(f"{path} names backend {backend!r}; loraflow knows {', '.join(BACKENDS)}.")
+    return backend
+
+
+def _check_backend(home: Path, recorded: Backend | None, requested: Backend | None) -> None:
+    if recorded is not None and requested is not None and requested != recorded:
+        raise UsageError(
+            f"LORAFLOW_HOME {home} holds a stack with the {recorded} backend (its Prefect and MLflow databases "
+            f"live there), so it cannot run with --backend {requested}. Leave --backend out (or pass "
+            f"--backend {recorded}) to use this home, or set LORAFLOW_HOME to another folder for a {requested} stack."
+        )
+
+
+def postgres_bindir() -> Path | None:
+    """The folder with PostgreSQL's initdb and postgres programs: from PATH, else Debian's newest
+    /usr/lib/postgresql/<version>/bin (Debian keeps them off PATH); None when not installed."""
+    candidates = []
+    if initdb := shutil.which("initdb"):
+        candidates.append(Path(initdb).resolve().parent)
+    versions = glob.glob("/usr/lib/postgresql/*/bin")
+    candidates += [Path(d) for d in sorted(versions, key=lambda d: int(Path(d).parent.name or 0), reverse=True)]
+    for d in candidates:
+        if all(os.access(d / exe, os.X_OK) for exe in ("initdb", "postgres")):
+            return d
+    return None
+
+
+def _pg_password(s: StackSettings) -> str:
+    # Missing before the first `up`; only status() builds the services then, and it never connects.
+    path = s.postgres_dir / "password"
+    return path.read_text().strip() if path.exists() else ""
+
+
+def database_url(s: StackSettings, database: str, driver: str = "psycopg") -> str:
+    """SQLAlchemy URL of one of the stack's PostgreSQL databases, e.g. driver "asyncpg" for Prefect."""
+    return f"postgresql+{driver}://{_PG_ROLE}:{_pg_password(s)}@{s.host}:{s.postgres_port}/{database}"
+
+
+def _conninfo(s: StackSettings, database: str) -> str:
+    return f"host={s.host} port={s.postgres_port} dbname={database} user={_PG_ROLE} password={_pg_password(s)}"
+
+
+def _pg_os_user() -> pwd.struct_passwd | None:
+    """The OS user to run PostgreSQL as: None (ourselves) unless we are root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(_PG_OS_USER)
+    except KeyError as e:
+        raise StackError(
+            f"PostgreSQL refuses to run as root, and there is no OS user {_PG_OS_USER!r} to run it as. "
+            f"Install Debian's postgresql package (it creates one) or `useradd --system {_PG_OS_USER}`."
+        ) from e
+
+
+def _as_user(user: pwd.struct_passwd | None) -> dict:
+    """subprocess arguments that run a child as ``user`` with exactly its own groups."""
+    if user is None:
+        return {}
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
+
+
+def _blocked_for(user: pwd.struct_passwd, path: Path) -> Path | None:
+    """The first folder above ``path`` that ``user`` cannot enter, or None."""
+    groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    for d in reversed(path.parents):
+        st = d.stat()
+        if st.st_uid == user.pw_uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid in groups:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            return d
+    return None
+
+
+def _init_postgres(s: StackSettings) -> None:
+    """Create the cluster under home/postgres once: role `loraflow` with a random password,
+    password (scram) authentication on 127.0.0.1 only, no Unix socket."""
+    if (s.pgdata / "PG_VERSION").exists():
+        return
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise StackError(
+            "The postgres backend needs PostgreSQL's initdb and postgres programs, found neither on PATH nor "
+            "under /usr/lib/postgresql/*/bin. Install them (`apt-get install postgresql`) or use the sqlite backend."
+        )
+    user = _pg_os_user()
+    if s.pgdata.exists() and any(s.pgdata.iterdir()):
+        raise StackError(
+            f"{s.pgdata} holds files but no PostgreSQL cluster (an interrupted first start?). "
+            "Remove that folder and run `loraflow up` again."
+        )
+    s.postgres_dir.mkdir(parents=True, exist_ok=True)
+    password_file = s.postgres_dir / "password"
+    if not password_file.exists():
+        password_file.touch(mode=0o600)
+        password_file.write_text(secrets.token_urlsafe(24) + "\n")
+    s.pgdata.mkdir(mode=0o700, exist_ok=True)
+    pwfile = s.postgres_dir / "initdb-pwfile"  # initdb reads the password as the server's OS user
+    pwfile.touch(mode=0o600)
+    pwfile.write_text(_pg_password(s) + "\n")
+    if user is not None:
+        # Only traversal for the postgres user: home and home/postgres stay unlistable to others.
+        for d in (s.home, s.postgres_dir):
+            d.chmod(stat.S_IMODE(d.stat().st_mode) | 0o001)
+        for path in (s.pgdata, pwfile):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        if (blocked := _blocked_for(user, s.pgdata)) is not None:
+            pwfile.unlink()
+            raise StackError(
+                f"PostgreSQL refuses to run as root, so loraflow runs it as the OS user {_PG_OS_USER!r}, who cannot "
+                f"enter {blocked} (mode {blocked.stat().st_mode & 0o777:o}). Let it (`chmod o+x {blocked}`) or set "
+                "LORAFLOW_HOME to a folder under one that other users can enter, e.g. /srv or /var/tmp."
+            )
+    argv = [
+        str(bindir / "initdb"),
+        *("--pgdata", str(s.pgdata), "--username", _PG_ROLE, "--pwfile", str(pwfile)),
+        *("--auth-host=scram-sha-256", "--auth-local=peer", "--encoding=UTF8", "--locale=C", "--no-instructions"),
+    ]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=s.postgres_dir, **_as_user(user))
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if done.returncode != 0:
+        shutil.rmtree(s.pgdata, ignore_errors=True)
+        raise StackError(f"initdb failed for {s.pgdata}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+def _pg_ready(s: StackSettings) -> bool:
+    import psycopg  # here: only the postgres backend needs it
+
+    try:
+        with psycopg.connect(_conninfo(s, "postgres"), connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
+
+
+def _ensure_databases(s: StackSettings) -> None:
+    """Create the prefect and mlflow databases that do not exist yet."""
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(_conninfo(s, "postgres"), autocommit=True, connect_timeout=5) as conn:
+            have = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+            for db in DATABASES:
+                if db not in have:
+                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    except psycopg.Error as e:
+        raise StackError(
+            f"Cannot create the databases {DATABASES} on PostgreSQL at {s.host}:{s.postgres_port}: {e}"
+        ) from e
+
+
 # --- services ----------------------------------------------------------------------------------
 
 
@@ -157,6 +387,7 @@ class _Service:
     port_var: str
     url: str
     healthy: Callable[[], bool]
+    user: pwd.struct_passwd | None = None  # run as this OS user (PostgreSQL, when we are root)
 
 
 def _worker_name(s: StackSettings) -> str:
@@ -165,26 +396,37 @@ def _worker_name(s: StackSettings) -> str:
 
 def _services(s: StackSettings) -> dict[str, _Service]:
     base = dict(os.environ)
-    prefect_env = {
+    prefect_client = {
         **base,
         "PREFECT_HOME": str(s.prefect_home),
         "PREFECT_API_URL": s.prefect_api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    prefect_env = {
+        **prefect_client,
         "PREFECT_SERVER_UI_ENABLED": "true",
         # The UI is served by the server but calls the API from the browser: on a port other than
         # 4200 it must be told where the API is.
         "PREFECT_SERVER_UI_API_URL": s.prefect_api_url,
     }
+    # The backend store goes in the environment, not argv: its URL may carry a password, and argv is
+    # visible to every user on the machine.
     mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    if s.backend == "postgres":
+        prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url(s, PREFECT, "asyncpg")
+        mlflow_env["MLFLOW_BACKEND_STORE_URI"] = database_url(s, MLFLOW, "psycopg")
+    else:
+        mlflow_env["MLFLOW_BACKEND_STORE_URI"] = f"sqlite:///{s.mlflow_dir / 'mlflow.db'}"
     worker_env = {
-        **prefect_env,
-        # Flow runs are subprocesses of the worker and inherit this: they log to our MLflow.
+        # Not the server's environment: flow runs are subprocesses of the worker and must not
+        # inherit the database URL. They do inherit client_env: they log to our MLflow.
+        **prefect_client,
         **client_env(s),
         "PREFECT_WORKER_QUERY_SECONDS": str(_WORKER_QUERY_SECONDS),
         "PREFECT_WORKER_HEARTBEAT_SECONDS": str(_WORKER_HEARTBEAT_SECONDS),
     }
     py = [sys.executable, "-m"]
-    return {
+    svcs = {
         PREFECT: _Service(
             PREFECT,
             [*py, "prefect", "server", "start", "--host", s.host, "--port", str(s.prefect_port)],
@@ -200,8 +442,6 @@ def _services(s: StackSettings) -> dict[str, _Service]:
                 *py,
                 "mlflow",
                 "server",
-                "--backend-store-uri",
-                f"sqlite:///{s.mlflow_dir / 'mlflow.db'}",
                 "--artifacts-destination",
                 str(s.mlflow_dir / "artifacts"),
                 "--host",
@@ -228,6 +468,20 @@ def _services(s: StackSettings) -> dict[str, _Service]:
             lambda: _worker_registered(s),
         ),
     }
+    if s.backend == "postgres":
+        bindir = postgres_bindir() or Path("/usr/lib/postgresql/bin")  # up() has checked it exists
+        svcs[POSTGRES] = _Service(
+            POSTGRES,
+            # -k "": no Unix socket (TCP on 127.0.0.1 only); logs go to stderr, i.e. our log file.
+            [str(bindir / "postgres"), "-D", str(s.pgdata), "-k", "", "-h", s.host, "-p", str(s.postgres_port)],
+            {**base, "LC_ALL": "C"},
+            s.postgres_port,
+            "LORAFLOW_POSTGRES_PORT",
+            f"postgresql://{s.host}:{s.postgres_port}",
+            lambda: _pg_ready(s),
+            _pg_os_user(),
+        )
+    return svcs
 
 
 def _http_ok(url: str, expect_json: bool = False) -> bool:
@@ -369,6 +623,7 @@ def _start(s: StackSettings, svc: _Service) -> psutil.Process:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: down() signals the whole group
             cwd=s.home,
+            **_as_user(svc.user),
         )
     proc = psutil.Process(popen.pid)
     _write_pidfile(s, svc.name, proc, svc.argv)
@@ -403,17 +658,30 @@ def up(s: StackSettings, timeout: float = 120) -> StackStatus:
     If a service fails, the services this call started are stopped again and StackError is raised
     with the end of its log.
     """
-    if s.prefect_port == s.mlflow_port:
+    ports = {"LORAFLOW_PREFECT_PORT": s.prefect_port, "LORAFLOW_MLFLOW_PORT": s.mlflow_port}
+    if s.backend == "postgres":
+        ports["LORAFLOW_POSTGRES_PORT"] = s.postgres_port
+    if len(set(ports.values())) < len(ports):
         raise UsageError(
-            f"The Prefect and MLflow servers cannot share port {s.prefect_port}: set LORAFLOW_PREFECT_PORT "
-            "and LORAFLOW_MLFLOW_PORT to different ports."
+            "The servers need a port each, but " + ", ".join(f"{k}={v}" for k, v in ports.items()) + ": "
+            "set those variables to different ports."
         )
+    _check_backend(s.home, recorded_backend(s.home), s.backend)
     deadline = time.monotonic() + timeout
     for d in (s.prefect_home, s.mlflow_dir / "artifacts", s.log_path("x").parent, s.pid_path("x").parent):
         d.mkdir(parents=True, exist_ok=True)
+    if s.backend == "postgres":
+        _init_postgres(s)
+    _record_path(s.home).write_text(json.dumps({"backend": s.backend}) + "\n")
     svcs = _services(s)
     started: list[str] = []
     try:
+        if s.backend == "postgres":
+            if _our_process(s, POSTGRES) is None:
+                _start(s, svcs[POSTGRES])
+                started.append(POSTGRES)
+            _wait_healthy(s, [svcs[POSTGRES]], deadline)
+            _ensure_databases(s)
         # The two servers start side by side (Prefect takes ~11 s on a first start); the pool
         # needs the Prefect server, and the worker needs the pool.
         servers = [svcs[PREFECT], svcs[MLFLOW]]
@@ -428,7 +696,7 @@ def up(s: StackSettings, timeout: float = 120) -> StackStatus:
             started.append(WORKER)
         _wait_healthy(s, [svcs[WORKER]], deadline)
     except BaseException:
-        _stop(s, started)
+        _stop_in_order(s, started)
         raise
     return status(s)
 
@@ -442,9 +710,15 @@ def _stop(s: StackSettings, names: list[str]) -> list[str]:
         with contextlib.suppress(psutil.NoSuchProcess):
             procs += [proc, *proc.children(recursive=True)]
     for sig, grace in ((signal.SIGTERM, _STOP_GRACE_SECONDS), (signal.SIGKILL, 5.0)):
-        for proc in leaders.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)  # pgid == pid: started with start_new_session
+        for name, proc in leaders.items():
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+                if name == POSTGRES and sig == signal.SIGTERM:
+                    # The postmaster alone, with SIGINT: its "fast shutdown" stops its own children in
+                    # order (a SIGTERM would be a "smart" one that waits for clients; signalling the
+                    # whole group would race the postmaster with its checkpointer).
+                    proc.send_signal(signal.SIGINT)
+                else:
+                    os.killpg(proc.pid, sig)  # pgid == pid: started with start_new_session
         for p in procs:  # a child that left its group still gets the signal, but only once:
             # Prefect's worker takes a second SIGTERM as "kill now".
             with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
@@ -461,19 +735,25 @@ def _stop(s: StackSettings, names: list[str]) -> list[str]:
     return list(leaders)
 
 
-def down(s: StackSettings) -> list[str]:
-    """Stop the services that `up` started, remove their pidfiles; return the names stopped.
+def _stop_in_order(s: StackSettings, names: list[str]) -> list[str]:
+    """Stop those of ``names`` that run: the worker first, while the Prefect server can still hear it
+    leave; then both servers together; PostgreSQL last, once its clients are gone."""
+    stopped = []
+    for step in ([WORKER], [MLFLOW, PREFECT], [POSTGRES]):
+        stopped += _stop(s, [n for n in step if n in names])
+    return stopped
 
-    The worker goes first, while the Prefect server can still hear it leave; then both servers together.
-    """
-    return _stop(s, [WORKER]) + _stop(s, [MLFLOW, PREFECT])
+
+def down(s: StackSettings) -> list[str]:
+    """Stop the services that `up` started, remove their pidfiles; return the names stopped."""
+    return _stop_in_order(s, [POSTGRES, *SERVICES])
 
 
 def status(s: StackSettings) -> StackStatus:
     """The state of each service: pid, process alive, healthy, URL and log path."""
     svcs = _services(s)
     out = []
-    for name in SERVICES:
+    for name in s.services:
         svc = svcs[name]
         proc = _our_process(s, name)
         running = proc is not None
