@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from flows.bookkeeping import lineage_of, publish_summary, start_parent_run
 from flows.placement import train_on_pool
+from flows.promote import promote
 from flows.stages import evaluate_stage, merge_stage, quantize_stage, register_stage, validate_stage
 from loraflow.config import PipelineConfig
 from loraflow.records import RunSummary
@@ -32,4 +33,7 @@ def finetune(config: PipelineConfig, home: str, tracking_uri: str) -> RunSummary
         merged = merge_stage(config, base, adapter, data, run_dir, parent)
         lineage = lineage_of(config, data, base, parent)
         version = register_stage(config, base, adapter, evaluation, merged, lineage, parent)
-        return publish_summary(version, evaluation, merged, run_dir, parent)
+        promotion = (
+            promote(version.name, version.version, tracking_uri, config.promotion) if config.promotion.enabled else None
+        )
+        return publish_summary(version, evaluation, merged, run_dir, parent, promotion)

@@ -5,9 +5,12 @@
     loraflow demo                           `run configs/demo.yaml`, starting the stack if needed
     loraflow validate DATA [--contract N]   the validate stage alone (exit 0 pass, 1 violated, 2 usage)
     loraflow config-schema                  the JSON schema of the run configuration
+    loraflow promote NAME --version N       the promotion gate, then move `champion` (--force needs --reason)
+    loraflow rollback NAME                  `champion` back to `previous-champion`
+    loraflow history NAME [--at DATE]       versions, lineage, alias moves (--json, --report out.html)
 
 Environment variables are read here and nowhere deeper: LORAFLOW_HOME (default ./.loraflow),
-LORAFLOW_PREFECT_PORT, LORAFLOW_MLFLOW_PORT.
+LORAFLOW_PREFECT_PORT, LORAFLOW_MLFLOW_PORT, LORAFLOW_IDENTITY (who moves aliases, for the audit trail).
 """
 
 from __future__ import annotations
@@ -131,6 +134,8 @@ def _print_summary(summary, settings) -> None:
     print(f"Run directory: {summary.run_dir}")
     print(f"Prefect UI:    {settings.prefect_ui_url}/runs/flow-run/{summary.flow_run_id}")
     print(f"MLflow UI:     {summary.mlflow_run_url}")
+    if summary.promotion is not None:
+        print(f"Promotion:     {summary.promotion.message}")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -146,6 +151,109 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"PASSED contract {data.contract}: {data.rows} rows ({data.train_rows} train / {data.eval_rows} eval, "
         f"{data.quarantined_rows} quarantined), digest {data.digest[:16]}"
     )
+    return 0
+
+
+def _registry(args: argparse.Namespace, need_prefect: bool):
+    """MLflow client of --tracking-uri (default: the local stack's server); promote/rollback run as Prefect flows."""
+    from mlflow import MlflowClient
+
+    from loraflow.stack import PREFECT, status
+
+    settings = _settings()
+    if need_prefect and not status(settings)[PREFECT].healthy:
+        raise UsageError(
+            f"the Prefect server of the local stack under {settings.home} is not running: start it with `loraflow up`"
+        )
+    return MlflowClient(tracking_uri=args.tracking_uri or settings.mlflow_url)
+
+
+def _promotion_rules(config: str | None, client, run_id: str | None):
+    """The promotion section of --config, else of the config the version was trained with, else the defaults."""
+    from loraflow.config import PromotionConfig, load_config
+    from loraflow.registry import run_config
+
+    if config:
+        rules = load_config(config).promotion
+    else:
+        trained_with = run_config(client, run_id) if run_id else None
+        rules = trained_with.promotion if trained_with else PromotionConfig()
+    identity = os.environ.get("LORAFLOW_IDENTITY")
+    return rules.model_copy(update={"identity": identity}) if identity else rules
+
+
+def _print_verdict(result) -> None:
+    if result.verdict is None:
+        return
+    v = result.verdict
+    against = f"champion {v.champion_version}" + (" (re-scored on the candidate's data)" if v.reevaluated else "")
+    print(f"gate for version {result.version} against {against if v.champion_version else 'no champion yet'}:")
+    for c in v.checks:
+        print(f"  {'ok  ' if c.passed else 'FAIL'} {c.name:<22} {c.detail}")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from loraflow.errors import RegistryError
+    from loraflow.registry import get_version
+
+    if args.force and not (args.reason or "").strip():
+        raise UsageError("--force needs --reason TEXT: a forced promotion is written to the audit trail with it")
+    client = _registry(args, need_prefect=True)
+    candidate = get_version(client, args.name, args.version)  # a clear error before any flow starts
+    rules = _promotion_rules(args.config, client, candidate.run_id)
+    from flows.promote import promote
+
+    result = promote(
+        name=args.name,
+        version=candidate.version,
+        tracking_uri=client.tracking_uri,
+        rules=rules,
+        reason=args.reason or "",
+        force=args.force,
+    )
+    _print_verdict(result)
+    if not result.promoted:
+        raise RegistryError(result.message)
+    print(result.message)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    client = _registry(args, need_prefect=True)
+    from flows.promote import rollback
+
+    result = rollback(
+        name=args.name,
+        tracking_uri=client.tracking_uri,
+        rules=_promotion_rules(args.config, client, None),
+        reason=args.reason or "",
+    )
+    print(result.message)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from loraflow.audit import parse_when
+    from loraflow.registry import history
+    from loraflow.registry_report import history_text, lineage_text, write_html_report
+
+    when = parse_when(args.at) if args.at else None  # a bad date fails before any request
+    h = history(_registry(args, need_prefect=False), args.name)
+    row = h.version(args.version) if args.version else None
+    if args.json:
+        payload = h.model_dump(mode="json")
+        if when is not None:
+            payload["champion_at"] = {"at": when.isoformat(), "version": h.champion_at(when)}
+        print(json.dumps(payload, indent=2))
+    else:
+        print(history_text(h))
+        if when is not None:
+            print(f"\nchampion at {args.at}: version {h.champion_at(when) or 'none (no champion yet)'}")
+        if row is not None:
+            print("\n" + lineage_text(row))
+    if args.report:
+        out = write_html_report(h, Path(args.report))
+        print(f"report: {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -206,6 +314,37 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--tokenizer", help="model folder whose tokenizer measures example length (with --max-seq-length)")
     val.add_argument("--max-seq-length", type=int, help="training max_seq_length the examples must fit")
     val.set_defaults(fn=cmd_validate)
+
+    tracking_help = "MLflow tracking URI (default: the local stack's MLflow server)"
+    rules_help = "take the promotion rules from this run config (default: the config the version was trained with)"
+    pro = sub.add_parser(
+        "promote", help="gate a registered version against the champion and move `champion` to it if it passes"
+    )
+    pro.add_argument("name", help="registered model name")
+    pro.add_argument("--version", required=True, help="version number (or models:/NAME/N)")
+    pro.add_argument("--reason", help="why; written to the audit trail (required with --force)")
+    pro.add_argument(
+        "--force", action="store_true", help="promote even if metric rules fail (never past integrity checks)"
+    )
+    pro.add_argument("--config", help=rules_help)
+    pro.add_argument("--tracking-uri", help=tracking_help)
+    pro.set_defaults(fn=cmd_promote)
+
+    rb = sub.add_parser("rollback", help="point `champion` back at `previous-champion` (audited)")
+    rb.add_argument("name", help="registered model name")
+    rb.add_argument("--reason", help="why; written to the audit trail")
+    rb.add_argument("--config", help="take identity and lock timeout from this run config's promotion section")
+    rb.add_argument("--tracking-uri", help=tracking_help)
+    rb.set_defaults(fn=cmd_rollback)
+
+    his = sub.add_parser("history", help="versions, lineage and alias moves of a registered model")
+    his.add_argument("name", help="registered model name")
+    his.add_argument("--at", metavar="DATE", help="which version was champion then (ISO date = end of that day, UTC)")
+    his.add_argument("--version", help="print this version's full lineage")
+    his.add_argument("--json", action="store_true", help="machine-readable output")
+    his.add_argument("--report", metavar="PATH.html", help="write an HTML report with a metrics plot")
+    his.add_argument("--tracking-uri", help=tracking_help)
+    his.set_defaults(fn=cmd_history)
 
     sub.add_parser("config-schema", help="print the JSON schema of the run configuration").set_defaults(
         fn=cmd_config_schema

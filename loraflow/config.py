@@ -206,6 +206,64 @@ class OrchestrationConfig(_Section):
     train_timeout_s: float = Field(6 * 3600, gt=0, description="Give up waiting for the train flow after this long.")
 
 
+GateMetric = Literal["loss", "rouge_l"]  # held-out metrics the gate compares; loss lower is better, rouge_l higher
+
+
+class PromotionConfig(_Section):
+    """The promotion gate (flows/promote.py): when a registered version may become the `champion`."""
+
+    enabled: bool = Field(
+        False, description="Run the gate at the end of the finetune flow and promote the new version if it passes."
+    )
+    required_metrics: list[GateMetric] = Field(
+        ["loss", "rouge_l"],
+        min_length=1,
+        description="Metrics compared between candidate and champion on the same held-out data; each may regress "
+        "at most max_regression[metric] (0 when absent).",
+    )
+    min_improvement: dict[GateMetric, float] = Field(
+        {"loss": 0.001},
+        description="Per metric, how much better than the champion the candidate must be (absolute units).",
+    )
+    max_regression: dict[GateMetric, float] = Field(
+        {"rouge_l": 0.02}, description="Per metric, how much worse than the champion the candidate may be."
+    )
+    thresholds: dict[GateMetric, float] = Field(
+        {},
+        description="Absolute bounds every promoted version must meet, first champion included: an upper bound "
+        "for loss, a lower bound for rouge_l.",
+    )
+    beat_base: bool = Field(
+        True, description="The candidate must be at least as good as its own base model on every required metric."
+    )
+    max_merge_deviation: float | None = Field(
+        None,
+        gt=0,
+        description="Largest merge max |dlogit| accepted (None: the merge.tolerance the version was merged with).",
+    )
+    contract: str | None = Field(
+        None, description="Data contract name the candidate's data must have passed (None: any loraflow contract)."
+    )
+    identity: str | None = Field(
+        None, description="Who moves aliases, as written in the audit trail (None: the OS user running loraflow)."
+    )
+    lock_timeout_s: float = Field(
+        60.0, gt=0, description="How long to wait while another promotion or rollback of the same model runs."
+    )
+
+    @model_validator(mode="after")
+    def _rules_on_required_metrics(self) -> PromotionConfig:
+        problems = [
+            f"promotion.{rule}.{metric}: not in promotion.required_metrics {self.required_metrics}"
+            for rule in ("min_improvement", "max_regression", "thresholds")
+            for metric in getattr(self, rule)
+            if metric not in self.required_metrics
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class PipelineConfig(_Section):
     """A whole fine-tuning run: data, base model, quantization, LoRA, training, evaluation, merge, registry."""
 
@@ -220,10 +278,11 @@ class PipelineConfig(_Section):
     registry: RegisterConfig
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON of the config (run_name excluded): same recipe, same hash."""
-        payload = self.model_dump(mode="json", exclude={"run_name"})
+        """sha256 of the canonical JSON of the config (run_name, promotion rules excluded): same recipe, same hash."""
+        payload = self.model_dump(mode="json", exclude={"run_name", "promotion"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def section_hash(self, *names: str) -> str:

@@ -31,3 +31,9 @@ class StageError(LoraflowError):
     """A pipeline stage failed a check it owns (e.g. merge tolerance exceeded)."""
 
     exit_code = 1
+
+
+class RegistryError(LoraflowError):
+    """A model-registry operation was refused: gate failed, lost a race, files missing (exit code 1)."""
+
+    exit_code = 1

@@ -8,7 +8,7 @@ flow on the GPU work pool) and hand its result back through the shared run direc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -127,6 +127,9 @@ class Lineage(Record):
     code_version: str
     flow_run_id: str
     mlflow_run_id: str
+    eval_split: str = Field(
+        "", description="Artifact URI of the held-out split the version was evaluated on (the gate re-scores on it)."
+    )
 
     def as_tags(self) -> dict[str, str]:
         return {
@@ -139,6 +142,7 @@ class Lineage(Record):
             "loraflow.code_version": self.code_version,
             "loraflow.flow_run_id": self.flow_run_id,
             "loraflow.mlflow_run_id": self.mlflow_run_id,
+            "loraflow.eval_split": self.eval_split,
         }
 
 
@@ -160,3 +164,45 @@ class RunSummary(Record):
     mlflow_run_url: str
     flow_run_id: str
     stage_seconds: dict[str, float]
+    promotion: PromotionResult | None = Field(None, description="The promotion gate's outcome, when it ran.")
+
+
+class GateCheck(Record):
+    """One rule of the promotion gate and how the candidate fared."""
+
+    name: str = Field(description="e.g. 'files', 'merge', 'loss >= champion + 0.001', 'rouge_l vs base'.")
+    kind: Literal["integrity", "metric"] = Field(
+        description="'integrity' checks (lineage, files, merge, contract) hold even for a forced promotion."
+    )
+    passed: bool
+    detail: str
+
+
+class Verdict(Record):
+    """The promotion gate's decision on a candidate, with the numbers it decided on."""
+
+    passed: bool
+    checks: list[GateCheck]
+    candidate: dict[str, float] = Field(description="Candidate's held-out metrics.")
+    champion: dict[str, float] | None = Field(description="Champion's metrics on the same held-out data (None: none).")
+    champion_version: str | None
+    reevaluated: bool = Field(description="True when the champion was re-scored on the candidate's held-out split.")
+
+    @property
+    def failures(self) -> list[GateCheck]:
+        return [c for c in self.checks if not c.passed]
+
+
+class PromotionResult(Record):
+    """What a promote or rollback did to the aliases, and why."""
+
+    model: str
+    action: Literal["promote", "rollback"]
+    version: str = Field(description="The version promoted, restored, or refused.")
+    promoted: bool = Field(description="True when `champion` now points at `version`.")
+    forced: bool = False
+    champion: str | None = Field(description="`champion` after the operation.")
+    previous_champion: str | None = Field(description="`previous-champion` after the operation.")
+    message: str = Field(description="One line: what happened, or why it was refused.")
+    verdict: Verdict | None = None
+    audit_seq: int | None = Field(None, description="Sequence number of the alias move in the audit ledger.")

@@ -72,6 +72,7 @@ def register(
         **lineage.as_tags(),
         "loraflow.merged_path": merged.path,
         "loraflow.merge_max_abs_logit_diff": f"{merged.max_abs_logit_diff:.6g}",
+        "loraflow.merge_tolerance": f"{merged.tolerance:.6g}",
         "loraflow.eval_loss": f"{evaluation.finetuned.loss:.6g}",
         "loraflow.eval_rouge_l": f"{evaluation.finetuned.rouge_l:.6g}",
         "loraflow.base_eval_loss": f"{evaluation.base.loss:.6g}",
