@@ -27,8 +27,7 @@ from loraflow.contracts import DATASET_COLUMNS, TOKEN_COLUMNS, Check, Contract
 from loraflow.datafiles import Row
 
 MAX_EXAMPLES = 5
-_WS = re.compile(r"\s+")
-_TRAILING = re.compile(r"[\s.!?,;:]+$")
+_TRAILING = " .!?,;:"
 # Lone surrogates come from undecodable bytes (read with surrogateescape) or from "\udcxx" escapes.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BAD_CHAR = re.compile("[\ud800-\udfff\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -83,8 +82,9 @@ def prompt_and_response(rec: dict[str, Any], style: str) -> tuple[str, str]:
 
 def normalize(text: str) -> str:
     """Text as duplicate checks compare it: NFKC, case-folded, whitespace collapsed, no trailing punctuation."""
-    text = _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
-    return _TRAILING.sub("", text)
+    if not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    return " ".join(text.casefold().split()).rstrip(_TRAILING)
 
 
 def encoding_problem(fields: list[tuple[str, str]]) -> str:
