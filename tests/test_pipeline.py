@@ -192,6 +192,19 @@ def test_contract_violation_registers_nothing(deployed_stack, tiny_base, tmp_pat
         filter_string=f"tags.mlflow.runName = '{run_dir.name}'",
     )
     assert failed and failed[0].info.status == "FAILED"
+    # The evidence stays with the run: reports in MLflow, a Prefect artifact naming the failure.
+    logged = {a.path for a in client.list_artifacts(failed[0].info.run_id, "data")}
+    assert {"data/validation_report.json", "data/validation_report.html"} <= logged
+    assert (run_dir / "data" / "validation_report.html").is_file()
+    assert not (run_dir / "data" / "train.jsonl").exists()
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with SyncPrefectClient(deployed_stack.prefect_api_url) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-contract"]))
+        )
+    assert any("| expect_column_values_to_match_regex | output |" in (a.data or "") for a in artifacts)
 
 
 def test_bad_config_fails_before_any_work(deployed_stack, tiny_base, tmp_path):
