@@ -420,6 +420,8 @@ class ModelLock:
         from mlflow.exceptions import MlflowException
 
         # Experiment names stay taken by deleted experiments: rename first so the name is free again.
+        if self.client.get_experiment(exp_id).name != self.name:
+            return  # another waiter cleared this stale lock a moment ago
         if restore:
             self.client.restore_experiment(exp_id)
         self.client.rename_experiment(exp_id, f"loraflow-lock-released/{self.model}/{uuid.uuid4().hex}")
