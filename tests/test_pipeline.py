@@ -55,11 +55,19 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 def write_config(path: Path, base: Path, data: Path, model_name: str = MODEL_NAME) -> Path:
+    # max_seq_length 96: the fixture's longest example is 91 tokens with the tiny tokenizer, and the
+    # contract refuses data whose share over max_seq_length exceeds 1%.
     cfg = {
         "base_model": {"name": "tiny-llama-test", "source": "hf", "path": str(base)},
-        "data": {"path": str(data), "contract": "instruction_v1", "eval_fraction": 0.05, "eval_max_rows": 8},
+        "data": {
+            "path": str(data),
+            "contract": "instruction_v1",
+            "eval_fraction": 0.05,
+            "eval_max_rows": 8,
+            "allowed_roots": [str(data.parent)],  # the config lives elsewhere
+        },
         "lora": {"r": 4, "alpha": 8},
-        "train": {"learning_rate": 5e-3, "max_steps": 6, "batch_size": 4, "max_seq_length": 64, "checkpoint_every": 3},
+        "train": {"learning_rate": 5e-3, "max_steps": 6, "batch_size": 4, "max_seq_length": 96, "checkpoint_every": 3},
         "eval": {"batch_size": 8, "max_new_tokens": 6},
         "merge": {"verify_rows": 4, "tolerance": 1e-3},
         "registry": {"model_name": model_name},
