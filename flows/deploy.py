@@ -5,6 +5,7 @@
 | finetune/cpu            | finetune | cpu  | on demand (Prefect UI form, API, CLI)   |
 | finetune/retrain-nightly| finetune | cpu  | cron 0 3 * * *, timezone explicit (UTC) |
 | train/gpu               | train    | gpu  | started by finetune via run_deployment  |
+| promote/cpu             | promote  | cpu  | on demand (gate + alias move, audited)  |
 
 Applying is idempotent: deploying again updates the deployments in place. The `gpu` pool has a
 concurrency limit of 1 (one training run per GPU); the `cpu` pool runs the orchestrating flows.
@@ -13,6 +14,7 @@ concurrency limit of 1 (one training run per GPU); the `cpu` pool runs the orche
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +162,9 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
             ),
         )
     )
-    nightly = config.model_copy(update={"run_name": None})
+    # The nightly retrain ends with the promotion gate: a better adapter becomes champion unattended.
+    gated = config.promotion.model_copy(update={"enabled": True})
+    nightly = config.model_copy(update={"run_name": None, "promotion": gated})
     out.append(
         Deployed(
             "finetune/retrain-nightly",
@@ -172,6 +176,24 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
                 parameters={"config": nightly.model_dump(mode="json")},
                 schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
                 description=f"Retrain on the latest data every night ({NIGHTLY_CRON} {NIGHTLY_TIMEZONE}).",
+            ),
+        )
+    )
+    out.append(
+        Deployed(
+            "promote/cpu",
+            cpu_pool,
+            _deploy(
+                "flows/promote.py:promote",
+                "cpu",
+                cpu_pool,
+                parameters={
+                    "name": config.registry.model_name,
+                    "rules": config.promotion.model_dump(mode="json"),
+                    # The server this deployment's runs use: the config's, else the caller's (the stack's).
+                    "tracking_uri": config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+                },
+                description="Run the promotion gate on a registered version (fill in its number) and move aliases.",
             ),
         )
     )

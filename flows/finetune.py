@@ -8,12 +8,10 @@ says what runs in which order and where. One MLflow parent run holds a nested ru
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.bookkeeping import lineage_of, publish_summary, start_parent_run
+from flows.bookkeeping import lineage_of, publish_summary, reporting_failure, resolve_locations, start_parent_run
 from flows.placement import train_on_pool
 from flows.promote import promote
 from flows.stages import evaluate_stage, merge_stage, quantize_stage, register_stage, validate_stage
@@ -22,12 +20,19 @@ from loraflow.records import RunSummary
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(config: PipelineConfig, home: str, tracking_uri: str) -> RunSummary:
-    """Fine-tune the base model on the dataset and register the adapter as a candidate."""
-    run_dir, parent = start_parent_run(config, Path(home), tracking_uri, flow_run.get_id() or "local")
-    with parent.run_status():
-        data = validate_stage(config, run_dir, Path(home) / "cache", parent)
-        base = quantize_stage(config, Path(home) / "cache", parent)
+def finetune(config: PipelineConfig, home: str | None = None, tracking_uri: str | None = None) -> RunSummary:
+    """Fine-tune the base model on the dataset and register the adapter as a candidate.
+
+    Args:
+        config: the whole run configuration (the Prefect UI renders it as a form).
+        home: LORAFLOW_HOME holding caches and run folders (default: the worker's LORAFLOW_HOME).
+        tracking_uri: MLflow server (default: config.tracking.uri, else the worker's MLFLOW_TRACKING_URI).
+    """
+    home, tracking_uri = resolve_locations(config, home, tracking_uri)
+    run_dir, parent = start_parent_run(config, home, tracking_uri, flow_run.get_id() or "local")
+    with reporting_failure(parent):
+        data = validate_stage(config, run_dir, home / "cache", parent)
+        base = quantize_stage(config, home / "cache", parent)
         adapter = train_on_pool(config, base, data, run_dir, parent)
         evaluation = evaluate_stage(config, base, adapter, data, run_dir, parent)
         merged = merge_stage(config, base, adapter, data, run_dir, parent)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flows.caching import cache_dir_of, cache_key, reuse_or_run
 from loraflow.config import PipelineConfig
 from loraflow.errors import StageError
 from loraflow.records import Adapter, QuantizedBase, ValidatedData, load_record
@@ -13,7 +14,23 @@ from loraflow.tracking import FAILED_STAGE_TAG, MlflowTracker
 def train_on_pool(
     config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker
 ) -> Adapter:
-    """Run the train flow where the config places it and return the adapter it wrote."""
+    """Run the train flow where the config places it (or reuse an unchanged adapter) and return the adapter."""
+    data_settings = config.data.model_dump(mode="json", exclude={"path", "allowed_roots"})
+    key = cache_key("train", data.digest, data_settings, base.base.digest, base.quant_hash, config.lora, config.train)
+    return reuse_or_run(
+        "train",
+        key,
+        Adapter,
+        cache_dir_of(run_dir),
+        parent,
+        lambda: _dispatch(config, base, data, run_dir, parent),
+        lambda a: [a.path],
+    )
+
+
+def _dispatch(
+    config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker
+) -> Adapter:
     from flows.train import ADAPTER_RECORD, train_flow
 
     params = {

@@ -11,7 +11,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows.caching import cache_dir_of, cache_key, reuse_or_run
 from loraflow.config import PipelineConfig
+from loraflow.hashing import sha256_dir
 from loraflow.records import Adapter, EvalReport, Lineage, MergedModel, QuantizedBase, RegisteredVersion, ValidatedData
 from loraflow.tracking import MlflowTracker, stage_run
 
@@ -84,8 +86,36 @@ def train_stage(
     return adapter
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_stage(
+    config: PipelineConfig,
+    base: QuantizedBase,
+    adapter: Adapter,
+    data: ValidatedData,
+    run_dir: Path,
+    parent: MlflowTracker,
+) -> EvalReport:
+    key = cache_key(
+        "evaluate",
+        sha256_dir(Path(adapter.path)),
+        data.digest,
+        base.base.digest,
+        base.quant_hash,
+        config.eval,
+        config.train.max_seq_length,
+    )
+    return reuse_or_run(
+        "evaluate",
+        key,
+        EvalReport,
+        cache_dir_of(run_dir),
+        parent,
+        lambda: _evaluate(config, base, adapter, data, run_dir, parent),
+        lambda r: [r.samples_path],
+    )
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def _evaluate(
     config: PipelineConfig,
     base: QuantizedBase,
     adapter: Adapter,
@@ -101,8 +131,30 @@ def evaluate_stage(
     return report
 
 
-@task(name="merge", cache_policy=NO_CACHE)
 def merge_stage(
+    config: PipelineConfig,
+    base: QuantizedBase,
+    adapter: Adapter,
+    data: ValidatedData,
+    run_dir: Path,
+    parent: MlflowTracker,
+) -> MergedModel:
+    key = cache_key(
+        "merge", sha256_dir(Path(adapter.path)), data.digest, base.base.digest, base.quant_hash, config.merge
+    )
+    return reuse_or_run(
+        "merge",
+        key,
+        MergedModel,
+        cache_dir_of(run_dir),
+        parent,
+        lambda: _merge(config, base, adapter, data, run_dir, parent),
+        lambda r: [r.path],
+    )
+
+
+@task(name="merge", cache_policy=NO_CACHE)
+def _merge(
     config: PipelineConfig,
     base: QuantizedBase,
     adapter: Adapter,

@@ -63,9 +63,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = _settings(args.backend)
     status = up(settings)
-    from flows.deploy import deploy_train
+    from flows.deploy import apply_saved
 
-    deploy_train(settings.pool)
+    apply_saved(settings.home, DEMO_CONFIG)
     print(status.format())
     print(f"\nPrefect UI: {settings.prefect_ui_url}\nMLflow UI:  {settings.mlflow_url}\nState:      {settings.home}")
     return 0
@@ -108,10 +108,10 @@ def _run(config_path: Path, overrides: list[str], start_stack: bool, backend: st
             f"the local stack is not running under {settings.home}: "
             "start it with `loraflow up` (or use `loraflow demo`)."
         )
-    if start_stack and config.orchestration.train_on == "deployment":
-        from flows.deploy import deploy_train
+    if start_stack:
+        from flows.deploy import apply_saved
 
-        deploy_train(settings.pool)
+        apply_saved(settings.home, DEMO_CONFIG)
     from flows.finetune import finetune
 
     tracking_uri = config.tracking.uri or settings.mlflow_url
@@ -151,6 +151,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"PASSED contract {data.contract}: {data.rows} rows ({data.train_rows} train / {data.eval_rows} eval, "
         f"{data.quarantined_rows} quarantined), digest {data.digest[:16]}"
     )
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from loraflow.config import load_config
+
+    config_path = Path(args.config).resolve()
+    load_config(config_path)  # refuse a bad default config before touching the server
+    remote = os.environ.get("PREFECT_API_URL")  # a team server, when the user points at one
+    if not remote:
+        from loraflow.stack import status
+
+        settings = _settings()
+        if not status(settings).all_healthy:
+            raise UsageError("no Prefect server: start the local stack with `loraflow up`, or set PREFECT_API_URL.")
+    from flows.deploy import deploy_all, save_choice
+
+    deployed = deploy_all(config_path)
+    if not remote:
+        save_choice(settings.home, config_path)
+    for d in deployed:
+        print(f"{d.name:<28} pool {d.pool:<5} {d.id}")
+    webhook = args.alert_webhook or os.environ.get("LORAFLOW_ALERT_WEBHOOK")
+    if webhook:
+        from flows.deploy import ensure_failure_alert
+
+        ensure_failure_alert(webhook)
+        print(f"failure alert: automation posts to {webhook} when a finetune or train run fails or crashes")
+    else:
+        print("failure alert: none (pass --alert-webhook URL or set LORAFLOW_ALERT_WEBHOOK)")
     return 0
 
 
@@ -314,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--tokenizer", help="model folder whose tokenizer measures example length (with --max-seq-length)")
     val.add_argument("--max-seq-length", type=int, help="training max_seq_length the examples must fit")
     val.set_defaults(fn=cmd_validate)
+
+    dep = sub.add_parser(
+        "deploy",
+        help="create the cpu/gpu work pools and apply the finetune, nightly-retrain and train deployments (idempotent)",
+    )
+    dep.add_argument("--config", default=str(DEMO_CONFIG), help="run config whose values fill the UI form's defaults")
+    dep.add_argument(
+        "--alert-webhook",
+        metavar="URL",
+        help="POST here when a finetune/train run fails or crashes (Prefect automation)",
+    )
+    dep.set_defaults(fn=cmd_deploy)
 
     tracking_help = "MLflow tracking URI (default: the local stack's MLflow server)"
     rules_help = "take the promotion rules from this run config (default: the config the version was trained with)"

@@ -44,9 +44,10 @@ from loraflow.errors import StackError, UsageError
 
 PREFECT = "prefect"
 MLFLOW = "mlflow"
-WORKER = "worker"
+WORKER = "worker"  # the gpu pool's worker (training)
+CPU_WORKER = "worker-cpu"  # the cpu pool's worker (finetune flows started from the UI or a schedule)
 POSTGRES = "postgres"
-SERVICES = (PREFECT, MLFLOW, WORKER)  # the sqlite backend's; the postgres backend starts POSTGRES first
+SERVICES = (PREFECT, MLFLOW, WORKER, CPU_WORKER)  # the sqlite backend's; the postgres backend starts POSTGRES first
 
 Backend = Literal["sqlite", "postgres"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
@@ -77,7 +78,8 @@ class StackSettings:
     host: str = "127.0.0.1"  # the servers listen here only
     prefect_port: int = 4200  # Prefect API + UI
     mlflow_port: int = 5000  # MLflow tracking + registry + artifact proxy
-    pool: str = "gpu"  # the process work pool (concurrency 1) that the worker serves
+    pool: str = "gpu"  # the process work pool (concurrency 1) that the training worker serves
+    cpu_pool: str = "cpu"  # the process work pool of the orchestrating flows (no concurrency limit)
     backend: Backend = "sqlite"  # where Prefect and MLflow keep their databases; fixed per home
     postgres_port: int = 5432  # the private PostgreSQL server (postgres backend only)
 
@@ -194,7 +196,7 @@ class StackStatus:
 
 def client_env(s: StackSettings) -> dict[str, str]:
     """The environment variables a client process needs to use this stack."""
-    return {"PREFECT_API_URL": s.prefect_api_url, "MLFLOW_TRACKING_URI": s.mlflow_url}
+    return {"PREFECT_API_URL": s.prefect_api_url, "MLFLOW_TRACKING_URI": s.mlflow_url, "LORAFLOW_HOME": str(s.home)}
 
 
 # --- backend ------------------------------------------------------------------------------------
@@ -390,8 +392,13 @@ class _Service:
     user: pwd.struct_passwd | None = None  # run as this OS user (PostgreSQL, when we are root)
 
 
-def _worker_name(s: StackSettings) -> str:
-    return f"loraflow-{s.pool}"
+def _worker_name(pool: str) -> str:
+    return f"loraflow-{pool}"
+
+
+def _pool_limits(s: StackSettings) -> dict[str, int | None]:
+    """Work pools and their concurrency limits: one training run at a time per GPU."""
+    return {s.pool: 1, s.cpu_pool: None}
 
 
 def _services(s: StackSettings) -> dict[str, _Service]:
@@ -458,16 +465,17 @@ def _services(s: StackSettings) -> dict[str, _Service]:
             s.mlflow_url,
             lambda: _http_ok(f"{s.mlflow_url}/health"),
         ),
-        WORKER: _Service(
-            WORKER,
-            [*py, "prefect", "worker", "start", "--pool", s.pool, "--type", "process", "--name", _worker_name(s)],
+    }
+    for name, pool in ((WORKER, s.pool), (CPU_WORKER, s.cpu_pool)):
+        svcs[name] = _Service(
+            name,
+            [*py, "prefect", "worker", "start", "--pool", pool, "--type", "process", "--name", _worker_name(pool)],
             worker_env,
             None,
             "",
-            f"{s.prefect_ui_url}/work-pools/work-pool/{s.pool}",
-            lambda: _worker_registered(s),
-        ),
-    }
+            f"{s.prefect_ui_url}/work-pools/work-pool/{pool}",
+            lambda pool=pool: _worker_registered(s, pool),
+        )
     if s.backend == "postgres":
         bindir = postgres_bindir() or Path("/usr/lib/postgresql/bin")  # up() has checked it exists
         svcs[POSTGRES] = _Service(
@@ -502,7 +510,7 @@ def _prefect_client(s: StackSettings):
     return SyncPrefectClient(s.prefect_api_url, httpx_settings={"trust_env": False, "timeout": 5.0})
 
 
-def _worker_registered(s: StackSettings) -> bool:
+def _worker_registered(s: StackSettings, pool: str) -> bool:
     """True while our worker is listed in the pool with a recent heartbeat."""
     if not _http_ok(f"{s.prefect_api_url}/health", expect_json=True):
         return False
@@ -510,12 +518,12 @@ def _worker_registered(s: StackSettings) -> bool:
 
     try:
         with _prefect_client(s) as client:
-            workers = client.read_workers_for_work_pool(s.pool)
+            workers = client.read_workers_for_work_pool(pool)
     except (ObjectNotFound, httpx.HTTPError):
         return False
     now = datetime.now(UTC)
     return any(
-        w.name == _worker_name(s)
+        w.name == _worker_name(pool)
         and w.last_heartbeat_time is not None
         and (now - w.last_heartbeat_time).total_seconds() < _WORKER_FRESH_SECONDS
         for w in workers
@@ -523,30 +531,31 @@ def _worker_registered(s: StackSettings) -> bool:
 
 
 def ensure_pool(s: StackSettings) -> None:
-    """Create the process work pool s.pool with concurrency limit 1, or set the limit on an existing one."""
+    """Create the process work pools (gpu: concurrency 1, cpu: unlimited), or fix an existing one's limit."""
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
-    try:
-        with _prefect_client(s) as client:
-            try:
-                pool = client.read_work_pool(s.pool)
-            except ObjectNotFound:
-                template = ProcessWorker.get_default_base_job_template()
-                client.create_work_pool(
-                    WorkPoolCreate(name=s.pool, type="process", base_job_template=template, concurrency_limit=1)
-                )
-                return
-            if pool.type != "process":
-                raise StackError(
-                    f"Work pool {s.pool!r} on {s.prefect_api_url} has type {pool.type!r}, not 'process'. "
-                    f"Delete it (`prefect work-pool delete {s.pool}`) or use another LORAFLOW_HOME."
-                )
-            if pool.concurrency_limit != 1:
-                client.update_work_pool(s.pool, WorkPoolUpdate(concurrency_limit=1))
-    except httpx.HTTPError as e:
-        raise StackError(f"Cannot set up work pool {s.pool!r} on {s.prefect_api_url}: {e}") from e
+    for name, limit in _pool_limits(s).items():
+        try:
+            with _prefect_client(s) as client:
+                try:
+                    pool = client.read_work_pool(name)
+                except ObjectNotFound:
+                    template = ProcessWorker.get_default_base_job_template()
+                    client.create_work_pool(
+                        WorkPoolCreate(name=name, type="process", base_job_template=template, concurrency_limit=limit)
+                    )
+                    continue
+                if pool.type != "process":
+                    raise StackError(
+                        f"Work pool {name!r} on {s.prefect_api_url} has type {pool.type!r}, not 'process'. "
+                        f"Delete it (`prefect work-pool delete {name}`) or use another LORAFLOW_HOME."
+                    )
+                if pool.concurrency_limit != limit:
+                    client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
+        except httpx.HTTPError as e:
+            raise StackError(f"Cannot set up work pool {name!r} on {s.prefect_api_url}: {e}") from e
 
 
 # --- pidfiles ----------------------------------------------------------------------------------
@@ -691,10 +700,12 @@ def up(s: StackSettings, timeout: float = 120) -> StackStatus:
                 started.append(svc.name)
         _wait_healthy(s, servers, deadline)
         ensure_pool(s)
-        if _our_process(s, WORKER) is None:
-            _start(s, svcs[WORKER])
-            started.append(WORKER)
-        _wait_healthy(s, [svcs[WORKER]], deadline)
+        workers = [svcs[WORKER], svcs[CPU_WORKER]]
+        for svc in workers:
+            if _our_process(s, svc.name) is None:
+                _start(s, svc)
+                started.append(svc.name)
+        _wait_healthy(s, workers, deadline)
     except BaseException:
         _stop_in_order(s, started)
         raise
@@ -739,7 +750,7 @@ def _stop_in_order(s: StackSettings, names: list[str]) -> list[str]:
     """Stop those of ``names`` that run: the worker first, while the Prefect server can still hear it
     leave; then both servers together; PostgreSQL last, once its clients are gone."""
     stopped = []
-    for step in ([WORKER], [MLFLOW, PREFECT], [POSTGRES]):
+    for step in ([WORKER, CPU_WORKER], [MLFLOW, PREFECT], [POSTGRES]):
         stopped += _stop(s, [n for n in step if n in names])
     return stopped
 

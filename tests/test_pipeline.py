@@ -221,3 +221,27 @@ def test_bad_config_fails_before_any_work(deployed_stack, tiny_base, tmp_path):
     assert result.returncode == 2
     assert "train.learnin_rate" in result.stderr and "lora.r" in result.stderr
     assert not list((deployed_stack.home / "runs").glob("tiny-wordnet-*typo*"))
+
+
+def test_rerun_skips_unchanged_stages_visibly(deployed_stack, finetune_run, tiny_base, tmp_path_factory):
+    """Same data, base and config sections: train, evaluate and merge are reused, and say so."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    _, first = finetune_run
+    config = write_config(tmp_path_factory.mktemp("rerun") / "run.yaml", tiny_base, FIXTURE)
+    result = cli(deployed_stack, "run", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=deployed_stack.mlflow_url)
+    second = client.get_model_version_by_alias(MODEL_NAME, "candidate")
+    assert int(second.version) == int(first.version.version) + 1
+    tags = client.get_run(second.tags["loraflow.mlflow_run_id"]).data.tags
+    assert tags["loraflow.cached.train"] == str(Path(first.run_dir) / "adapter")
+    assert tags["loraflow.cached.merge"] == first.merged.path
+    assert "loraflow.cached.evaluate" in tags
+    with SyncPrefectClient(deployed_stack.prefect_api_url) as prefect:
+        flow_run_id = second.tags["loraflow.flow_run_id"]
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    cached = {t.name.split("-")[0] for t in task_runs if t.state and t.state.name == "Cached"}
+    assert {"train", "evaluate", "merge"} <= cached

@@ -203,7 +203,8 @@ def test_pipeline_on_postgres(pg_home, tmp_path):
 
         pids = _group_pids(s)
         stopped = _cli(env, "down")
-        assert stopped.returncode == 0 and "worker, mlflow, prefect, postgres" in stopped.stdout, stopped.stderr
+        assert stopped.returncode == 0, stopped.stderr
+        assert "worker, worker-cpu, mlflow, prefect, postgres" in stopped.stdout
     finally:
         down(s)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

@@ -48,6 +48,7 @@ def test_from_env_defaults_and_urls(tmp_path, monkeypatch):
     assert client_env(s) == {
         "PREFECT_API_URL": "http://127.0.0.1:4200/api",
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+        "LORAFLOW_HOME": str(s.home),
     }
 
 
@@ -116,8 +117,12 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
         with SyncPrefectClient(s.prefect_api_url) as client:
             pool = client.read_work_pool(s.pool)
             workers = client.read_workers_for_work_pool(s.pool)
+            cpu_pool = client.read_work_pool(s.cpu_pool)
+            cpu_workers = client.read_workers_for_work_pool(s.cpu_pool)
         assert (pool.type, pool.concurrency_limit) == ("process", 1)
+        assert (cpu_pool.type, cpu_pool.concurrency_limit) == ("process", None)
         assert "loraflow-gpu" in {w.name for w in workers}
+        assert "loraflow-cpu" in {w.name for w in cpu_workers}
         assert (s.home / "mlflow" / "mlflow.db").exists() and (s.home / "prefect" / "prefect.db").exists()
 
         again = up(s, timeout=30)
@@ -133,7 +138,7 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
         group = _group_pids(s)
     finally:
         stopped = down(s)
-    assert stopped == ["worker", "mlflow", "prefect"]
+    assert stopped == ["worker", "worker-cpu", "mlflow", "prefect"]
     assert not [p for p in group if _alive(p)]
     assert not list((s.home / "run").iterdir())
     assert not status(s).all_healthy
