@@ -171,3 +171,56 @@ def test_nightly_retrain_schedule_and_parameter_bounds(ui_stack):
         bad["config"]["lora"]["r"] = 0  # LoraConfig.r has ge=1: the schema's minimum
         with pytest.raises(PrefectHTTPStatusError, match="422|409|Validation|r"):
             client.create_flow_run_from_deployment(form.id, parameters=bad)
+
+
+def test_failed_run_fires_the_alert_and_names_the_stage(ui_stack, tmp_path):
+    """A finetune run that fails in validate: the automation POSTs to the webhook, and the flow run's
+    `finetune-failure` artifact names the stage and the reason."""
+    import http.server
+    import threading
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    received: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = Path(ui_stack.home) / "deployments.json"
+        form_config = json.loads(config.read_text())["config"]
+        result = cli(
+            ui_stack, "deploy", "--config", form_config, "--alert-webhook", f"http://127.0.0.1:{server.server_port}/"
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"instruction": "x", "input": "", "output": ""}\n')
+        failing = tmp_path / "failing.yaml"
+        failing.write_text(Path(form_config).read_text().replace(str(FIXTURE), str(bad)))
+        failing.write_text(failing.read_text().replace(str(FIXTURE.parent), str(tmp_path)))
+        run = cli(ui_stack, "run", str(failing))
+        assert run.returncode == 1, run.stderr[-2000:]
+
+        deadline = time.monotonic() + 90
+        while not received and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        server.shutdown()
+    assert received, "the failed-run automation did not call the webhook"
+    assert "finetune" in received[0]["text"] and "Failed" in received[0]["subject"]
+
+    with SyncPrefectClient(ui_stack.prefect_api_url) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-failure"]))
+        )
+    assert any("stage `validate`" in a.data for a in artifacts)
