@@ -59,27 +59,6 @@ def deploy_train(pool: str = GPU_POOL) -> Deployed:
     return Deployed("train/gpu", pool, dep_id)
 
 
-def ensure_pools(limits: dict[str, int | None]) -> None:
-    """Create missing process work pools and set their concurrency limits (None: unlimited)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-    from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
-
-    with get_client(sync_client=True) as client:
-        for name, limit in limits.items():
-            try:
-                pool = client.read_work_pool(name)
-            except ObjectNotFound:
-                template = ProcessWorker.get_default_base_job_template()
-                client.create_work_pool(
-                    WorkPoolCreate(name=name, type="process", base_job_template=template, concurrency_limit=limit)
-                )
-                continue
-            if pool.concurrency_limit != limit:
-                client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
-
-
 ALERT_AUTOMATION = "loraflow-run-failed"
 ALERT_BLOCK = "loraflow-alerts"
 
@@ -143,10 +122,14 @@ def apply_saved(home: Path, default_config: Path) -> list[Deployed]:
 
 def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = GPU_POOL) -> list[Deployed]:
     """Create the pools and apply every loraflow deployment; ``default_config`` fills the form's defaults."""
+    from prefect.client.orchestration import get_client
     from prefect.schedules import Cron
 
+    from loraflow.stack import ensure_process_pools
+
     config: PipelineConfig = load_config(default_config)
-    ensure_pools({cpu_pool: None, gpu_pool: 1})
+    with get_client(sync_client=True) as client:
+        ensure_process_pools(client, {cpu_pool: None, gpu_pool: 1})
     defaults = {"config": config.model_dump(mode="json")}
     out = [deploy_train(gpu_pool)]
     out.append(

@@ -532,30 +532,38 @@ def _worker_registered(s: StackSettings, pool: str) -> bool:
 
 def ensure_pool(s: StackSettings) -> None:
     """Create the process work pools (gpu: concurrency 1, cpu: unlimited), or fix an existing one's limit."""
+    try:
+        with _prefect_client(s) as client:
+            ensure_process_pools(client, _pool_limits(s))
+    except httpx.HTTPError as e:
+        raise StackError(f"Cannot set up the work pools on {s.prefect_api_url}: {e}") from e
+
+
+def ensure_process_pools(client, limits: dict[str, int | None]) -> None:
+    """Create missing process work pools and set their concurrency limits (None: unlimited).
+
+    ``client`` is a sync Prefect client: the local stack's, or one for a team server (`loraflow deploy`).
+    """
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
-    for name, limit in _pool_limits(s).items():
+    for name, limit in limits.items():
         try:
-            with _prefect_client(s) as client:
-                try:
-                    pool = client.read_work_pool(name)
-                except ObjectNotFound:
-                    template = ProcessWorker.get_default_base_job_template()
-                    client.create_work_pool(
-                        WorkPoolCreate(name=name, type="process", base_job_template=template, concurrency_limit=limit)
-                    )
-                    continue
-                if pool.type != "process":
-                    raise StackError(
-                        f"Work pool {name!r} on {s.prefect_api_url} has type {pool.type!r}, not 'process'. "
-                        f"Delete it (`prefect work-pool delete {name}`) or use another LORAFLOW_HOME."
-                    )
-                if pool.concurrency_limit != limit:
-                    client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
-        except httpx.HTTPError as e:
-            raise StackError(f"Cannot set up work pool {name!r} on {s.prefect_api_url}: {e}") from e
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(
+                WorkPoolCreate(name=name, type="process", base_job_template=template, concurrency_limit=limit)
+            )
+            continue
+        if pool.type != "process":
+            raise StackError(
+                f"Work pool {name!r} has type {pool.type!r}, not 'process'. "
+                f"Delete it (`prefect work-pool delete {name}`) or use another LORAFLOW_HOME."
+            )
+        if pool.concurrency_limit != limit:
+            client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
 
 
 # --- pidfiles ----------------------------------------------------------------------------------
