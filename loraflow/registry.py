@@ -55,7 +55,7 @@ from loraflow.records import GateCheck, PromotionResult, Record, Verdict
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 PREVIOUS = "previous-champion"
-MANAGED_TAG = "loraflow.managed"  # set by tasks/register.py on the registered models it creates
+MANAGED_TAG = "loraflow.managed"  # tasks/register.py sets it on the registered models it creates
 LINEAGE_TAGS = (
     "loraflow.data_digest",
     "loraflow.contract",

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from loraflow.config import RegisterConfig
 from loraflow.records import Adapter, EvalReport, Lineage, MergedModel, QuantizedBase, RegisteredVersion
-
-MANAGED_TAG = "loraflow.managed"
+from loraflow.registry import MANAGED_TAG
 
 # What a serving environment needs to load the pyfunc (the loraflow package itself included).
 PIP_REQUIREMENTS = [
