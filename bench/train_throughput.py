@@ -11,7 +11,8 @@ batches, in this one process, one after the other:
   plain     transformers + peft + bitsandbytes with `prepare_model_for_kbit_training` (which
             upcasts every non-quantized weight to fp32) and gradient checkpointing
   loraflow  tasks/train.py's `prepare_for_training` (non-quantized weights kept in bf16) and its
-            response-token loss `token_loss_sum`, with or without checkpointing
+            response-token loss `token_loss_sum`: once through the full logits, once with the
+            chunked output head (the default), and optionally without checkpointing
 
 It prints tokens/s, peak GPU memory, the ratio to `plain`, and the largest difference of the
 first losses against `plain` on identical batches. Results go into docs/benchmarks.md with the
@@ -33,7 +34,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from loraflow.config import LoraConfig, QuantConfig
 from loraflow.models import bnb_config, disable_cpu_weight_repacking
-from tasks.train import peft_config, prepare_for_training, token_loss_sum
+from tasks.train import LOSS_CHUNK_TOKENS, peft_config, prepare_for_training, token_loss_sum
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -102,7 +103,14 @@ def prepare(variant: str, path: Path, checkpointing: bool) -> torch.nn.Module:
     return prepare_for_training(model, lora, checkpointing)
 
 
-def run(variant: str, path: Path, data: list[dict[str, torch.Tensor]], warmup: int, checkpointing: bool) -> Result:
+def run(
+    variant: str,
+    path: Path,
+    data: list[dict[str, torch.Tensor]],
+    warmup: int,
+    checkpointing: bool,
+    chunk_tokens: int | None = LOSS_CHUNK_TOKENS,
+) -> Result:
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)  # same LoRA init for every variant
     model = prepare(variant, path, checkpointing)
@@ -120,7 +128,7 @@ def run(variant: str, path: Path, data: list[dict[str, torch.Tensor]], warmup: i
         if variant == "plain":
             loss = model(**batch).loss  # transformers' own shifted mean cross-entropy
         else:
-            loss_sum, n = token_loss_sum(model, batch)
+            loss_sum, n = token_loss_sum(model, batch, chunk_tokens=chunk_tokens)
             loss = loss_sum / n
         loss.backward()
         opt.step()
@@ -131,7 +139,7 @@ def run(variant: str, path: Path, data: list[dict[str, torch.Tensor]], warmup: i
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
-    name = f"{variant}{'' if checkpointing else ' (no ckpt)'}"
+    name = variant + ("" if checkpointing else " (no ckpt)") + (" full logits" if chunk_tokens is None else "")
     del model, opt
     gc.collect()
     if cuda:
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--steps", type=int, default=12, help="timed steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-ckpt", action="store_true", help="also run loraflow without gradient checkpointing")
+    ap.add_argument("--chunk", type=int, action="append", help="extra loraflow runs with this loss chunk size")
     ap.add_argument("--json", type=Path, help="write the results here too")
     args = ap.parse_args(argv)
 
@@ -154,7 +163,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         path = build(args.shape, Path(tmp) / args.shape)
         data = batches(SHAPES[args.shape][5], args.batch, args.seq, args.warmup + args.steps, device)
-        results = [run("plain", path, data, args.warmup, True), run("loraflow", path, data, args.warmup, True)]
+        results = [
+            run("plain", path, data, args.warmup, True),
+            run("loraflow", path, data, args.warmup, True, chunk_tokens=None),
+            run("loraflow", path, data, args.warmup, True),
+        ]
+        for chunk in args.chunk or []:
+            results.append(run(f"loraflow chunk {chunk}", path, data, args.warmup, True, chunk_tokens=chunk))
         if args.no_ckpt:
             results.append(run("loraflow", path, data, args.warmup, False))
     base = results[0]

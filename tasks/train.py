@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from tqdm.auto import tqdm
@@ -65,16 +66,77 @@ def micro_batches(examples: list[Encoded], batch_size: int, seed: int) -> Iterat
             yield [examples[j] for j in order[i : i + batch_size]]
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of response-token cross-entropies (fp32) and the number of tokens summed."""
+# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
+LOSS_CHUNK_TOKENS = 2048  # measured on the H200: the best tokens/s of 1024-8192 (docs/benchmarks.md)
+
+
+def token_loss_sum(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = LOSS_CHUNK_TOKENS
+) -> tuple[torch.Tensor, int]:
+    """Sum of response-token cross-entropies (fp32) and the number of tokens summed.
+
+    With ``chunk_tokens`` (and a plain-head architecture), the output head runs only on the
+    labelled positions, ``chunk_tokens`` at a time: the full (tokens x vocabulary) fp32 logits,
+    4.2 GB for a batch of 4 x 2048 with a 128k vocabulary, never exist. A frozen bias-free head
+    (the LoRA case) gets the fused path, which computes the gradient for the hidden states while
+    each chunk's logits exist, so nothing is recomputed; any other head recomputes its chunks in
+    the backward pass. ``chunk_tokens=None`` is the reference path through the full logits.
+    """
     batch = {k: v.to(model.device) for k, v in batch.items()}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1, :].float()
     targets = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
+    selected = targets != IGNORE_INDEX
+    n_tokens = int(selected.sum())
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if chunk_tokens is None or causal_lm.config.model_type not in PLAIN_HEAD_MODELS:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss, n_tokens
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = hidden.last_hidden_state[:, :-1][selected]  # (labelled tokens, hidden)
+    head = causal_lm.get_output_embeddings()
+    labels = targets[selected]
+    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+        return _FusedHeadCrossEntropy.apply(hidden, head.weight, labels, chunk_tokens), n_tokens
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n_tokens, chunk_tokens):
+        loss = loss + torch.utils.checkpoint.checkpoint(
+            _head_loss_sum, head, hidden[i : i + chunk_tokens], labels[i : i + chunk_tokens], use_reentrant=False
+        )
+    return loss, n_tokens
+
+
+def _head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
+class _FusedHeadCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden @ weight.T, labels) for a frozen head, chunk by chunk, with d/d(hidden) computed
+    in the forward pass (softmax - onehot, times the weight) while the chunk's logits exist."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for i in range(0, hidden.size(0), chunk):
+            h, y = hidden[i : i + chunk], labels[i : i + chunk]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is not None:
+                probs = torch.exp(logits.sub_(lse[:, None]))  # in place: one (chunk x vocab) buffer
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                grad_hidden[i : i + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
 
 
 def peft_config(cfg: LoraConfig) -> PeftLoraConfig:

@@ -25,7 +25,8 @@ def test_train_throughput_small():
     sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
     spec.loader.exec_module(module)
     results = module.main(["--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1"])
-    assert [r.variant for r in results] == ["plain", "loraflow"]
+    assert [r.variant for r in results] == ["plain", "loraflow full logits", "loraflow"]
     assert all(r.tokens_per_s > 0 and len(r.losses) == 3 for r in results)
     # Same init, same batches: fp32-upcast and bf16-kept non-quantized weights differ only by rounding.
-    assert max(abs(a - b) for a, b in zip(results[0].losses, results[1].losses, strict=True)) < 0.05
+    for other in results[1:]:
+        assert max(abs(a - b) for a, b in zip(results[0].losses, other.losses, strict=True)) < 0.05

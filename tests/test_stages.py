@@ -458,3 +458,38 @@ def test_merge_over_tolerance_raises_and_saves_nothing(merged, trained, tiny_qua
         merge(tiny_quantized, adapter, tiny_data, MergeConfig(tolerance=1e-12), run_dir)
     assert not (run_dir / "merged").exists()
     assert not (run_dir / ".merged-tmp").exists()
+
+
+# --- the chunked response-token loss ---
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 1024])
+def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny_quantized, tok, chunk_tokens) -> None:
+    """The output head on labelled positions only, chunk by chunk with recomputation, gives the loss
+    and the LoRA gradients of the reference path through the full logits."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = prepare_for_training(load_quantized(tiny_quantized.path), LORA, gradient_checkpointing=False)
+    model.train()
+    batch = records_batch(tok)
+
+    def loss_and_grads(chunk):
+        model.zero_grad(set_to_none=True)
+        loss_sum, n = token_loss_sum(model, batch, chunk_tokens=chunk)
+        (loss_sum / n).backward()
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+        return loss_sum.item(), n, grads
+
+    ref_loss, ref_n, ref_grads = loss_and_grads(None)
+    loss, n, grads = loss_and_grads(chunk_tokens)
+    assert n == ref_n > chunk_tokens or chunk_tokens == 1024
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    # The head runs in bf16 on both paths; they round the logits' gradient at different points
+    # (before vs after the 1/n scale), so compare each tensor as a whole, at bf16 precision.
+    # (lora_A's gradients are exactly zero at the first step: lora_B starts at zero.)
+    nonzero = [k for k in ref_grads if ref_grads[k].norm() > 0]
+    assert nonzero and all(grads[k].norm() == 0 for k in ref_grads if k not in nonzero)
+    for k in nonzero:
+        error = (grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()
+        assert error < 1e-2, f"{k}: relative gradient error {error:.2e}"
