@@ -33,8 +33,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from loraflow.config import LoraConfig, QuantConfig
+from loraflow.loss import LOSS_CHUNK_TOKENS, token_loss_sum
 from loraflow.models import bnb_config, disable_cpu_weight_repacking
-from tasks.train import LOSS_CHUNK_TOKENS, peft_config, prepare_for_training, token_loss_sum
+from tasks.train import peft_config, prepare_for_training
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -100,7 +101,7 @@ def prepare(variant: str, path: Path, checkpointing: bool) -> torch.nn.Module:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         return get_peft_model(model, peft_config(lora))
-    return prepare_for_training(model, lora, checkpointing)
+    return prepare_for_training(model, lora, "balanced" if checkpointing else "fast")
 
 
 def run(

@@ -136,8 +136,16 @@ class TrainConfig(_Section):
     max_seq_length: int = Field(
         128, ge=8, description="Tokens per example after templating; longer examples are truncated."
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass to save memory."
+    memory_profile: Literal["fast", "balanced", "lean"] = Field(
+        "balanced",
+        description="Activation memory: 'fast' keeps all activations; 'balanced' recomputes each decoder "
+        "layer in the backward pass; 'lean' also keeps the layer inputs in host memory until then "
+        "(loraflow/memory.py; peaks and tokens/s in docs/benchmarks.md).",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each row of max_seq_length tokens (kept apart by their "
+        "position ids), so that a batch holds real tokens instead of padding; batch_size then counts rows.",
     )
     seed: int = Field(0, description="Seed for adapter init, dropout and data order.")
     checkpoint_every: int | None = Field(

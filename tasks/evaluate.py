@@ -20,12 +20,14 @@ from peft import PeftModel
 from rouge_score import rouge_scorer
 from transformers import PreTrainedTokenizerBase
 
+from loraflow.batching import collate
 from loraflow.config import EvalConfig
+from loraflow.loss import token_loss_sum
 from loraflow.models import load_quantized, load_tokenizer
 from loraflow.prompts import last_user_turn, prompt_text, reference
 from loraflow.records import Adapter, EvalReport, ModelMetrics, QuantizedBase, ValidatedData
 from loraflow.tracking import NULL_TRACKER, Tracker
-from tasks.train import collate, encode_all, read_jsonl, token_loss_sum
+from tasks.train import encode_all, read_jsonl
 
 
 @torch.no_grad()

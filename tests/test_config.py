@@ -160,7 +160,7 @@ def test_apply_overrides_parses_values_like_yaml() -> None:
         [
             "train.max_steps=20",
             "train.learning_rate=0.001",
-            "train.gradient_checkpointing=true",
+            "train.memory_profile=lean",
             "lora.target_modules=[q_proj, v_proj]",
             "train.checkpoint_every=null",
             "run_name=my-run",
@@ -170,7 +170,7 @@ def test_apply_overrides_parses_values_like_yaml() -> None:
     assert out["train"] == {
         "max_steps": 20,
         "learning_rate": 0.001,
-        "gradient_checkpointing": True,
+        "memory_profile": "lean",
         "checkpoint_every": None,
     }
     assert type(out["train"]["max_steps"]) is int

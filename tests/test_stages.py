@@ -19,8 +19,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from loraflow.batching import collate, micro_batches
 from loraflow.config import BaseModelConfig, EvalConfig, LoraConfig, MergeConfig, QuantConfig, TrainConfig
 from loraflow.errors import DataError, StageError
+from loraflow.loss import token_loss_sum
 from loraflow.models import (
     checkpoint_bytes,
     dequantize,
@@ -33,7 +35,7 @@ from loraflow.records import Adapter, QuantizedBase
 from tasks.evaluate import evaluate, heldout_loss, rouge_l
 from tasks.merge import max_logit_diff, merge, merge_adapter
 from tasks.quantize import quantize
-from tasks.train import collate, encode_all, micro_batches, prepare_for_training, read_jsonl, token_loss_sum, train
+from tasks.train import encode_all, prepare_for_training, read_jsonl, train
 from tests.conftest import make_validated_data, tiny_records, torch_threads
 
 # Dropout off so that a saved adapter reproduces the losses seen during training exactly.
@@ -41,7 +43,13 @@ LORA = LoraConfig(dropout=0.0)
 # A high constant learning rate: the loss falls visibly in 15 steps, and the state after step k
 # does not depend on the total number of steps.
 TRAIN = TrainConfig(
-    max_steps=15, learning_rate=1e-2, lr_scheduler="constant", batch_size=4, max_seq_length=64, checkpoint_every=5
+    max_steps=15,
+    learning_rate=1e-2,
+    lr_scheduler="constant",
+    batch_size=4,
+    max_seq_length=64,
+    checkpoint_every=5,
+    memory_profile="fast",
 )
 # transformers 5 renames its gradient-checkpointing API; peft and train.py still use the old names.
 pytestmark = [
@@ -170,7 +178,7 @@ def grads_before_and_after_eval(base: QuantizedBase, tok, *, repack: bool):
     """LoRA gradients of one batch, then an eval-mode no-grad forward, then the same gradients again."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = prepare_for_training(load_quantized(base.path), LORA, gradient_checkpointing=False)
+        model = prepare_for_training(load_quantized(base.path), LORA, "fast")
     if repack:  # undo the workaround: bitsandbytes' own default on an AVX512-BF16 CPU
         for m in linear4bit(model).values():
             m.support_avx512bf16_for_cpu = True
@@ -320,12 +328,12 @@ def test_same_seed_same_curve_other_seed_other_curve(trained, tiny_quantized, ti
 
 @pytest.mark.parametrize(
     "update",
-    [{"gradient_checkpointing": True}, {"batch_size": 2, "grad_accum": 2}],
-    ids=["gradient-checkpointing", "grad-accum"],
+    [{"memory_profile": "balanced"}, {"memory_profile": "lean"}, {"batch_size": 2, "grad_accum": 2}],
+    ids=["recompute-layers", "recompute-layers-offloaded", "grad-accum"],
 )
 def test_equivalent_settings_give_the_same_curve(trained, tiny_quantized, tiny_data, tmp_path, update) -> None:
-    """Recomputing activations, or splitting a batch of 4 into 2 x 2 token-weighted micro-batches,
-    changes how a step is computed but not what it computes."""
+    """Recomputing activations (with the layer inputs offloaded or not), or splitting a batch of 4
+    into 2 x 2 token-weighted micro-batches, changes how a step is computed but not what it computes."""
     cfg = TRAIN.model_copy(update={"max_steps": 5, "checkpoint_every": None, **update})
     other = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "run", progress=False)
     assert loss_curve(other) == pytest.approx(loss_curve(trained)[:5], rel=1e-4)
@@ -469,7 +477,7 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny_quantized, tok,
     and the LoRA gradients of the reference path through the full logits."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = prepare_for_training(load_quantized(tiny_quantized.path), LORA, gradient_checkpointing=False)
+        model = prepare_for_training(load_quantized(tiny_quantized.path), LORA, "fast")
     model.train()
     batch = records_batch(tok)
 
