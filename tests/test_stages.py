@@ -339,6 +339,17 @@ def test_equivalent_settings_give_the_same_curve(trained, tiny_quantized, tiny_d
     assert loss_curve(other) == pytest.approx(loss_curve(trained)[:5], rel=1e-4)
 
 
+def test_packed_training_fills_rows_with_real_tokens(trained, tiny_quantized, tiny_data, tmp_path) -> None:
+    """With packing, a step of 3 rows of at most 64 tokens holds two ~25-token examples a row: more real
+    tokens than a step of 4 padded examples, and the loss still falls."""
+    cfg = TRAIN.model_copy(update={"packing": True, "batch_size": 3, "checkpoint_every": None})
+    packed = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "packed", progress=False)
+    curve = loss_curve(packed)
+    assert len(curve) == packed.steps == 15
+    assert sum(curve[-3:]) < sum(curve[:3])
+    assert packed.trained_tokens > trained.trained_tokens
+
+
 @pytest.mark.parametrize(
     ("rows", "max_seq_length", "kept"),
     [(tiny_records()[:2], 64, 2), (tiny_records(), 8, 0)],
