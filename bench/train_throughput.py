@@ -1,41 +1,47 @@
-"""QLoRA training throughput: the plain recipe vs loraflow's train-stage code, side by side.
+"""QLoRA training throughput and peak memory: the plain recipe, Unsloth and loraflow, side by side.
 
-    python bench/train_throughput.py --shape 1b --seq 2048 --batch 4 --steps 12        # on a GPU
-    python bench/train_throughput.py --shape tiny --seq 64 --batch 2 --steps 3         # CPU smoke
+    # on a GPU (Unsloth runs where it is importable: PYTHONPATH holding the carried packages)
+    python bench/train_throughput.py --shape 8b --seq 2048 --batch 4 --steps 17 --warmup 3
+    python bench/train_throughput.py --shape 8b --budgets 8 24 80          # best tokens/s within each budget
+    python bench/train_throughput.py --shape tiny --seq 32 --batch 2 --steps 2 --warmup 1   # CPU smoke
 
-Each shape is a Llama built from config with random weights, saved, then loaded through the real
-4-bit path (bitsandbytes NF4 + double quantization, as the quantize stage does). Every variant
-trains LoRA r=16 on all seven linear projections of every layer, on the same random token
-batches, in this one process, one after the other:
+A Llama of the given shape is built from config with random weights, saved, loaded through the
+real 4-bit path (bitsandbytes NF4 + double quantization, bf16 compute, as the quantize stage
+does) and saved again as a 4-bit checkpoint. Every variant then loads that checkpoint in a fresh
+process of its own (Unsloth patches transformers on import; a fresh process also gives each
+variant a clean peak-memory reading) and trains LoRA r=16 on all seven linear projections of
+every layer on the same random token batches from the same seed:
 
-  plain     transformers + peft + bitsandbytes with `prepare_model_for_kbit_training` (which
-            upcasts every non-quantized weight to fp32) and gradient checkpointing
-  loraflow  tasks/train.py's `prepare_for_training` (non-quantized weights kept in bf16) and its
-            response-token loss `token_loss_sum`: once through the full logits, once with the
-            chunked output head (the default), and optionally without checkpointing
+  plain     transformers + peft + bitsandbytes: `ckpt` is `prepare_model_for_kbit_training`
+            (every non-quantized weight upcast to fp32) with gradient checkpointing; `bf16-ckpt`
+            and `bf16` keep them in bf16, with and without checkpointing
+  unsloth   FastLanguageModel with its offloaded checkpointing (`offload`), plain checkpointing
+            (`ckpt`) or none (`none`)
+  loraflow  the train stage's own code (tasks/train.py `prepare_for_training`, loraflow/loss.py
+            `token_loss_sum`) in each memory profile (`fast`, `balanced`, `lean`), optionally
+            with Liger's fused RMSNorm/SwiGLU/RoPE (`+liger`) or compiled decoder layers (`+compile`)
 
-It prints tokens/s, peak GPU memory, the ratio to `plain`, and the largest difference of the
-first losses against `plain` on identical batches. Results go into docs/benchmarks.md with the
-command that produced them.
+It prints tokens/s, peak GPU memory (allocated and reserved), the ratio to every other variant,
+and the largest difference of the first 20 losses against the first variant. With --budgets it
+sweeps batch sizes for each variant and reports the best tokens/s each system reaches within
+each memory budget (peak reserved memory, what a card of that size must hold).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import math
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-from loraflow.config import LoraConfig, QuantConfig
-from loraflow.loss import LOSS_CHUNK_TOKENS, token_loss_sum
-from loraflow.models import bnb_config, disable_cpu_weight_repacking
-from tasks.train import peft_config, prepare_for_training
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository's packages
+    sys.path.insert(0, str(ROOT))
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -43,21 +49,38 @@ SHAPES = {
     "1b": (2048, 8192, 16, 32, 8, 128256),  # Llama-3.2-1B
     "3b": (3072, 8192, 28, 24, 8, 128256),  # Llama-3.2-3B
     "8b": (4096, 14336, 32, 32, 8, 128256),  # Llama-3-8B
+    "13b": (5120, 13824, 40, 40, 40, 32000),  # Llama-2-13B
+    "34b": (8192, 22016, 48, 64, 8, 32000),  # CodeLlama-34B
+    "70b": (8192, 28672, 80, 64, 8, 128256),  # Llama-3-70B
 }
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_VARIANTS = [
+    "plain:ckpt",
+    "plain:bf16-ckpt",
+    "unsloth:offload",
+    "unsloth:ckpt",
+    "loraflow:balanced",
+    "loraflow:lean",
+    "loraflow:fast",
+]
 
 
 @dataclass
 class Result:
     variant: str
-    tokens_per_s: float
-    peak_gb: float
-    losses: list[float]
+    batch: int
+    tokens_per_s: float = float("nan")
+    peak_gb: float = float("nan")  # max allocated
+    reserved_gb: float = float("nan")  # max reserved by the caching allocator
+    losses: list[float] = field(default_factory=list)
+    error: str | None = None  # "OOM", "not importable: ...", or the failure
 
 
-def build(shape: str, out: Path) -> Path:
+def llama_config(shape: str):
+    from transformers import LlamaConfig
+
     hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
@@ -67,16 +90,33 @@ def build(shape: str, out: Path) -> Path:
         max_position_embeddings=8192,
         tie_word_embeddings=False,
     )
+
+
+def build(shape: str, out: Path) -> Path:
+    """A random-init Llama of ``shape`` saved in bf16."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama_config(shape)).to(torch.bfloat16)
     model.save_pretrained(out)
     del model
     return out
 
 
-def load_4bit(path: Path) -> torch.nn.Module:
+def load_4bit(path: Path):
+    """Load a checkpoint through the stages' 4-bit path: quantize a full-precision one as the
+    quantize stage does, or load a saved 4-bit one as train does (``loraflow.models.load_quantized``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.config import QuantConfig
+    from loraflow.models import bnb_config, disable_cpu_weight_repacking, load_quantized
+
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if "quantization_config" in json.loads((path / "config.json").read_text()):
+        return load_quantized(path, device=device)
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=bnb_config(QuantConfig()), dtype=torch.bfloat16, device_map={"": device}
     )
@@ -84,68 +124,225 @@ def load_4bit(path: Path) -> torch.nn.Module:
     return model
 
 
-def batches(vocab: int, batch: int, seq: int, n: int, device: str) -> list[dict[str, torch.Tensor]]:
+def build_4bit(shape: str, folder: Path) -> Path:
+    """The 4-bit checkpoint every variant loads, built once per folder and shape."""
+    import torch
+
+    out = folder / f"{shape}-nf4"
+    if (out / "config.json").is_file():
+        return out
+    full = build(shape, folder / f"{shape}-bf16")
+    model = load_4bit(full)
+    model.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    for f in full.iterdir():  # 16 GB for 8B: not needed any more
+        f.unlink()
+    full.rmdir()
+    return out
+
+
+def batches(vocab: int, batch: int, seq: int, n: int) -> list:
+    """The same random token batches in every process: a seeded CPU generator."""
+    import torch
+
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(n):
         ids = torch.randint(0, vocab, (batch, seq), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return [{k: v.to(device) for k, v in b.items()} for b in out]
+    return out
 
 
-def prepare(variant: str, path: Path, checkpointing: bool) -> torch.nn.Module:
+# --- one variant, in its own process ---
+
+
+def prepare(engine: str, mode: str, path: Path, seq: int):
+    """The model to train and a function batch -> mean loss, for one variant."""
+    import torch
+
+    from loraflow.config import LoraConfig
+    from tasks.train import peft_config
+
     lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=LINEAR)
+    torch.manual_seed(0)  # the same LoRA init for every variant
+    if engine == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=str(path), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules=LINEAR,
+            bias="none",
+            use_gradient_checkpointing={"offload": "unsloth", "ckpt": True, "none": False}[mode],
+            random_state=0,
+        )
+        return model, lambda b: model(**b).loss
     model = load_4bit(path)
-    if variant == "plain":
+    if engine == "plain":
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-        return get_peft_model(model, peft_config(lora))
-    return prepare_for_training(model, lora, "balanced" if checkpointing else "fast")
+        checkpointing = mode.endswith("ckpt")
+        if mode == "ckpt":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+        model = get_peft_model(model, peft_config(lora))
+        return model, lambda b: model(**b).loss
+    from loraflow.loss import token_loss_sum
+    from loraflow.memory import PROFILES
+    from tasks.train import prepare_for_training
+
+    profile, *extras = mode.split("+")
+    if "liger" in extras:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+        )
+    model = prepare_for_training(model, lora, profile)
+    if "compile" in extras:
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
+    chunk = PROFILES[profile].loss_chunk_tokens
+
+    def step_loss(b):
+        loss_sum, n = token_loss_sum(model, b, chunk_tokens=chunk)
+        return loss_sum / n
+
+    return model, step_loss
 
 
-def run(
-    variant: str,
-    path: Path,
-    data: list[dict[str, torch.Tensor]],
-    warmup: int,
-    checkpointing: bool,
-    chunk_tokens: int | None = LOSS_CHUNK_TOKENS,
-) -> Result:
+def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warmup: int) -> Result:
+    import torch
+
+    engine, mode = variant.split(":", 1)
     cuda = torch.cuda.is_available()
-    torch.manual_seed(0)  # same LoRA init for every variant
-    model = prepare(variant, path, checkpointing)
+    model, step_loss = prepare(engine, mode, path, seq)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = model.get_input_embeddings().weight.device
+    data = [{k: v.to(device) for k, v in b.items()} for b in batches(vocab, batch, seq, warmup + steps)]
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    losses, tokens, start = [], 0, 0.0
-    for i, batch in enumerate(data):
+    losses, tokens, start = [], 0, time.perf_counter()
+    for i, b in enumerate(data):
         if i == warmup:
             if cuda:
                 torch.cuda.synchronize()
             start, tokens = time.perf_counter(), 0
-        if variant == "plain":
-            loss = model(**batch).loss  # transformers' own shifted mean cross-entropy
-        else:
-            loss_sum, n = token_loss_sum(model, batch, chunk_tokens=chunk_tokens)
-            loss = loss_sum / n
+        loss = step_loss(b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # a sync point: fine, both variants pay it
-        tokens += int(batch["attention_mask"].sum())
+        losses.append(loss.item())  # a sync point: every variant pays it
+        tokens += int(b["attention_mask"].sum())
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
-    name = variant + ("" if checkpointing else " (no ckpt)") + (" full logits" if chunk_tokens is None else "")
-    del model, opt
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return Result(name, tokens / seconds, peak, losses)
+    reserved = torch.cuda.max_memory_reserved() / 1e9 if cuda else float("nan")
+    return Result(variant, batch, tokens / seconds, peak, reserved, losses)
+
+
+def worker(args: argparse.Namespace) -> None:
+    engine = args.variant.split(":", 1)[0]
+    try:
+        if engine == "unsloth":
+            import importlib.util
+
+            if importlib.util.find_spec("unsloth") is None:
+                raise ModuleNotFoundError("unsloth is not installed")
+        result = run_variant(args.variant, args.model, args.batch, args.seq, args.steps, args.warmup)
+    except Exception as e:  # reported as the variant's result: one failing variant must not end the table
+        import torch
+
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        missing = isinstance(e, ModuleNotFoundError) or (engine == "unsloth" and "requires" in str(e).lower())
+        error = "OOM" if oom else (f"not importable: {e}" if missing else f"{type(e).__name__}: {e}")
+        if not (oom or missing):
+            import traceback
+
+            traceback.print_exc()
+        result = Result(args.variant, args.batch, error=error[:300])
+    args.out.write_text(json.dumps(asdict(result)))
+
+
+# --- the side-by-side run ---
+
+
+def spawn(variant: str, model: Path, batch: int, seq: int, steps: int, warmup: int, tmp: Path) -> Result:
+    out = tmp / f"{variant.replace(':', '-').replace('+', '_')}-{batch}.json"
+    cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--model", str(model)]
+    cmd += ["--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if not out.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return Result(variant, batch, error=f"worker exited {proc.returncode}: " + " | ".join(tail))
+    result = Result(**json.loads(out.read_text()))
+    status = result.error or f"{result.tokens_per_s:,.0f} tok/s, peak {result.peak_gb:.1f} GB"
+    print(f"  {variant} batch {batch}: {status}", flush=True)
+    return result
+
+
+def table(results: list[Result]) -> str:
+    ok = [r for r in results if r.error is None]
+    base = ok[0] if ok else None
+    lines = [
+        f"| variant | batch | tokens/s | peak GB | reserved GB | max \\|Δloss\\| vs {base.variant if base else '-'} | "
+        + " | ".join(f"x {r.variant}" for r in ok)
+        + " |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(ok),
+    ]
+    for r in results:
+        if r.error is not None:
+            lines.append(f"| {r.variant} | {r.batch} | {r.error} |")
+            continue
+        n = min(20, len(r.losses), len(base.losses))
+        dloss = max(abs(a - b) for a, b in zip(r.losses[:n], base.losses[:n], strict=True))
+        ratios = " | ".join(f"{r.tokens_per_s / o.tokens_per_s:.2f}" for o in ok)
+        lines.append(
+            f"| {r.variant} | {r.batch} | {r.tokens_per_s:,.0f} | {r.peak_gb:.1f} | {r.reserved_gb:.1f} "
+            f"| {dloss:.4f} | {ratios} |"
+        )
+    return "\n".join(lines)
+
+
+def budget_table(results: list[Result], budgets: list[float]) -> str:
+    """The best tokens/s per system within each budget of peak reserved memory."""
+    systems = sorted({r.variant.split(":")[0] for r in results})
+    lines = ["| system | " + " | ".join(f"within {b:g} GB" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for system in systems:
+        cells = []
+        for budget in budgets:
+            fits = [
+                r
+                for r in results
+                if r.variant.split(":")[0] == system
+                and r.error is None
+                and (math.isnan(r.reserved_gb) or r.reserved_gb <= budget)
+            ]
+            best = max(fits, key=lambda r: r.tokens_per_s, default=None)
+            cells.append(
+                f"{best.tokens_per_s:,.0f} ({best.variant.split(':', 1)[1]}, batch {best.batch}, "
+                f"{best.reserved_gb:.1f} GB)"
+                if best
+                else "does not fit"
+            )
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
@@ -153,37 +350,51 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=12, help="timed steps (after --warmup)")
+    ap.add_argument("--steps", type=int, default=17, help="timed steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--no-ckpt", action="store_true", help="also run loraflow without gradient checkpointing")
-    ap.add_argument("--chunk", type=int, action="append", help="extra loraflow runs with this loss chunk size")
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="engine:mode, e.g. loraflow:balanced+liger")
+    ap.add_argument("--budgets", type=float, nargs="+", help="sweep batch sizes; best tokens/s within each GB budget")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="batch sizes of the sweep")
+    ap.add_argument("--workdir", type=Path, help="keep the 4-bit checkpoint here between runs (default: a temp dir)")
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return []
 
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build(args.shape, Path(tmp) / args.shape)
-        data = batches(SHAPES[args.shape][5], args.batch, args.seq, args.warmup + args.steps, device)
-        results = [
-            run("plain", path, data, args.warmup, True),
-            run("loraflow", path, data, args.warmup, True, chunk_tokens=None),
-            run("loraflow", path, data, args.warmup, True),
-        ]
-        for chunk in args.chunk or []:
-            results.append(run(f"loraflow chunk {chunk}", path, data, args.warmup, True, chunk_tokens=chunk))
-        if args.no_ckpt:
-            results.append(run("loraflow", path, data, args.warmup, False))
-    base = results[0]
+    import torch
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"shape={args.shape} seq={args.seq} batch={args.batch} steps={args.steps} on {gpu}")
-    print(f"{'variant':<22}{'tokens/s':>10}{'peak GB':>9}{'x plain':>9}{'max |dloss| vs plain':>22}")
-    for r in results:
-        n = min(20, len(r.losses), len(base.losses))
-        dloss = max(abs(a - b) for a, b in zip(r.losses[:n], base.losses[:n], strict=True))
-        ratio = r.tokens_per_s / base.tokens_per_s
-        print(f"{r.variant:<22}{r.tokens_per_s:>10,.0f}{r.peak_gb:>9.1f}{ratio:>9.2f}{dloss:>22.4f}")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        folder = args.workdir or tmp
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        model = build_4bit(args.shape, folder)
+        print(f"4-bit {args.shape} checkpoint ready in {time.perf_counter() - start:.0f} s: {model}", flush=True)
+        results = [spawn(v, model, args.batch, args.seq, args.steps, args.warmup, tmp) for v in args.variants]
+        sweep: list[Result] = []
+        if args.budgets:
+            limit = max(args.budgets)
+            for variant in args.variants:
+                for batch in args.batches:
+                    same = [r for r in results if r.variant == variant and r.batch == batch]
+                    r = same[0] if same else spawn(variant, model, batch, args.seq, 4, 2, tmp)
+                    sweep.append(r)
+                    if r.error is not None or r.reserved_gb > limit:
+                        break  # a larger batch needs more memory still
+    header = f"shape={args.shape} seq={args.seq} batch={args.batch} steps={args.warmup}+{args.steps} on {gpu}"
+    print(header)
+    print(table(results))
+    if args.budgets:
+        print(f"\nbest tokens/s within each budget (batches {args.batches}, seq {args.seq}):")
+        print(budget_table(sweep, args.budgets))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        args.json.write_text(json.dumps({"header": header, "results": [asdict(r) for r in results + sweep]}, indent=2))
     return results
 
 
