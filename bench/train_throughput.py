@@ -288,6 +288,7 @@ def spawn(variant: str, model: Path, batch: int, seq: int, steps: int, warmup: i
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--model", str(model)]
     cmd += ["--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    out.with_suffix(".log").write_text(proc.stdout + proc.stderr)  # the worker's whole output, kept for failures
     if not out.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return Result(variant, batch, error=f"worker exited {proc.returncode}: " + " | ".join(tail))
@@ -376,14 +377,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
         start = time.perf_counter()
         model = build_4bit(args.shape, folder)
         print(f"4-bit {args.shape} checkpoint ready in {time.perf_counter() - start:.0f} s: {model}", flush=True)
-        results = [spawn(v, model, args.batch, args.seq, args.steps, args.warmup, tmp) for v in args.variants]
+        logs = folder / "logs"
+        logs.mkdir(exist_ok=True)
+        results = [spawn(v, model, args.batch, args.seq, args.steps, args.warmup, logs) for v in args.variants]
         sweep: list[Result] = []
         if args.budgets:
             limit = max(args.budgets)
             for variant in args.variants:
                 for batch in args.batches:
                     same = [r for r in results if r.variant == variant and r.batch == batch]
-                    r = same[0] if same else spawn(variant, model, batch, args.seq, 4, 2, tmp)
+                    r = same[0] if same else spawn(variant, model, batch, args.seq, 4, 2, logs)
                     sweep.append(r)
                     if r.error is not None or r.reserved_gb > limit:
                         break  # a larger batch needs more memory still
