@@ -126,11 +126,21 @@ def load_4bit(path: Path):
 
 def build_4bit(shape: str, folder: Path) -> Path:
     """The 4-bit checkpoint every variant loads, built once per folder and shape."""
-    import torch
 
     out = folder / f"{shape}-nf4"
-    if (out / "config.json").is_file():
-        return out
+    if not (out / "config.json").is_file():
+        _build_4bit(shape, folder, out)
+    if not (out / "tokenizer.json").is_file():
+        # Unsloth loads a tokenizer with the model; the batches are random ids, any tokenizer will do.
+        from loraflow.tiny import train_tokenizer
+
+        train_tokenizer(["a tokenizer for the benchmark's random batches"] * 4, 300).save_pretrained(out)
+    return out
+
+
+def _build_4bit(shape: str, folder: Path, out: Path) -> None:
+    import torch
+
     full = build(shape, folder / f"{shape}-bf16")
     model = load_4bit(full)
     model.save_pretrained(out)
@@ -139,7 +149,6 @@ def build_4bit(shape: str, folder: Path) -> Path:
     for f in full.iterdir():  # 16 GB for 8B: not needed any more
         f.unlink()
     full.rmdir()
-    return out
 
 
 def batches(vocab: int, batch: int, seq: int, n: int) -> list:
