@@ -36,3 +36,20 @@ def test_train_throughput_small():
     assert max(abs(a - b) for a, b in zip(plain.losses, lean.losses, strict=True)) < 0.05
     if importlib.util.find_spec("unsloth") is None:
         assert unsloth.error.startswith("not importable")
+
+
+def test_merge_memory_small():
+    """The merge benchmark's CPU smoke size: both merges run in their own processes and write the same tensors."""
+    spec = importlib.util.spec_from_file_location("merge_memory", BENCH.parent / "merge_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    summary = module.main(["--shape", "tiny"])
+    results = {r["mode"]: r for r in summary["results"]}
+    assert set(results) == {"in-memory", "stream"}
+    for r in results.values():
+        assert r["error"] is None and r["seconds"] > 0 and r["files"] == 1
+        assert r["peak_rss_gb"] >= r["rss_after_imports_gb"] > 0
+    assert results["stream"]["output_gb"] == results["in-memory"]["output_gb"] > 0
+    # Same fp32 arithmetic, then one rounding to bf16: identical tensors.
+    assert summary["max_abs_diff"] == 0.0
