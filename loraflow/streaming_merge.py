@@ -278,11 +278,12 @@ def _make(e: _Entry, base: _Tensors, adapter: _Tensors | None, dtype: torch.dtyp
         if e.lora is not None:
             assert adapter is not None
             with adapter.read((e.lora.a, e.lora.b)) as ab:
-                # peft's get_delta_weight + merge, in fp32: W += transpose(B @ A) * scaling.
+                # peft's get_delta_weight + merge, in fp32 and in the same order (bit-equal results):
+                # W += transpose(B @ A) * scaling; in place, so that no third weight-sized tensor exists.
                 delta = ab[e.lora.b].float() @ ab[e.lora.a].float()
                 if e.lora.fan_in_fan_out:
                     delta = delta.T
-                w += delta * e.lora.scaling
+                w += delta.mul_(e.lora.scaling)
         # A tensor still backed by the input file is copied, so that no mapping outlives the read.
         fresh = e.quantized or e.lora is not None
         return w.to(dtype, copy=not fresh) if w.is_floating_point() else w.clone()
