@@ -53,3 +53,20 @@ def test_merge_memory_small():
     assert results["stream"]["output_gb"] == results["in-memory"]["output_gb"] > 0
     # Same fp32 arithmetic, then one rounding to bf16: identical tensors.
     assert summary["max_abs_diff"] == 0.0
+
+
+def test_eval_generation_small():
+    """The generation benchmark's CPU smoke size: both methods timed on the same prompts, same answer counts."""
+    spec = importlib.util.spec_from_file_location("eval_generation", BENCH.parent / "eval_generation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    size = ["--rows", "4", "--batch", "4", "--max-new-tokens", "4", "--min-len", "8", "--max-len", "24"]
+    result = module.main(["--shape", "tiny", *size])
+    runs = result["runs"]
+    assert [(r["method"], r["batch_size"]) for r in runs] == [("one at a time", 1), ("batched", 4)]
+    assert all(r["seconds"] > 0 and r["prompts_per_s"] > 0 and r["x_one_at_a_time"] > 0 for r in runs)
+    assert all(0 <= r["differ"] <= 4 for r in runs) and runs[0]["differ"] == 0
+    # min_new_tokens = max_new_tokens: every prompt gets exactly 4 new tokens in both methods.
+    assert [len(o) for o in result["outputs"][0]] == [len(o) for o in result["outputs"][1]] == [4] * 4
+    assert all(r["new_tokens"] == 16 for r in runs)
