@@ -218,10 +218,7 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
         apply_liger_kernel_to_llama(
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
         )
-    model = prepare_for_training(model, lora, profile)
-    if "compile" in extras:
-        for layer in model.get_base_model().model.layers:
-            layer.compile()
+    model = prepare_for_training(model, lora, profile, "on" if "compile" in extras else "off")
     chunk = PROFILES[profile].loss_chunk_tokens
 
     def step_loss(b):

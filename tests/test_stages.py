@@ -328,12 +328,18 @@ def test_same_seed_same_curve_other_seed_other_curve(trained, tiny_quantized, ti
 
 @pytest.mark.parametrize(
     "update",
-    [{"memory_profile": "balanced"}, {"memory_profile": "lean"}, {"batch_size": 2, "grad_accum": 2}],
-    ids=["recompute-layers", "recompute-layers-offloaded", "grad-accum"],
+    [
+        {"memory_profile": "balanced"},
+        {"memory_profile": "lean"},
+        {"memory_profile": "lean", "compile": "on"},
+        {"batch_size": 2, "grad_accum": 2},
+    ],
+    ids=["recompute-layers", "recompute-layers-offloaded", "compiled-layers-offloaded", "grad-accum"],
 )
 def test_equivalent_settings_give_the_same_curve(trained, tiny_quantized, tiny_data, tmp_path, update) -> None:
-    """Recomputing activations (with the layer inputs offloaded or not), or splitting a batch of 4
-    into 2 x 2 token-weighted micro-batches, changes how a step is computed but not what it computes."""
+    """Recomputing activations (with the layer inputs offloaded or not), compiling the layers, or
+    splitting a batch of 4 into 2 x 2 token-weighted micro-batches, changes how a step is computed
+    but not what it computes."""
     cfg = TRAIN.model_copy(update={"max_steps": 5, "checkpoint_every": None, **update})
     other = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "run", progress=False)
     assert loss_curve(other) == pytest.approx(loss_curve(trained)[:5], rel=1e-4)
