@@ -15,6 +15,7 @@ few steps on random tokens; the peak is `torch.cuda.max_memory_allocated` (and r
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
             row = {"shape": shape, "profile": args.profile, "error": "OOM"}
         rows.append(row)
         print(row, flush=True)
+        gc.collect()  # peft models hold reference cycles: free the last shape before the next one
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
 
