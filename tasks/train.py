@@ -122,8 +122,8 @@ def fit(
 ) -> Fit:
     """Train the LoRA weights of ``model`` (from :func:`prepare_for_training`) on encoded examples.
 
-    The caller seeds: adapter init and this loop's dropout and data order follow ``cfg.seed``
-    only through the generator state it sets up.
+    The data order follows ``cfg.seed``; LoRA dropout follows torch's RNG, which the caller seeds
+    (``train`` does, before the adapter is initialised).
     """
     if cfg.packing:
         units = packed_rows_per_epoch(examples, cfg.max_seq_length, cfg.seed)
