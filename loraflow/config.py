@@ -350,6 +350,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+# Settings that were renamed: an old config gets told what to write instead.
+REPLACED = {
+    "train.gradient_checkpointing": "replaced by train.memory_profile: true -> 'balanced', false -> 'fast' "
+    "(or 'lean' to also move layer inputs to host memory)",
+}
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One readable message listing every invalid field and what is allowed."""
     lines = [f"{source}: {err.error_count()} invalid setting(s):"]
@@ -357,7 +364,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `loraflow config-schema`)"
+            msg = REPLACED.get(loc, "unknown key (check the spelling; see `loraflow config-schema`)")
         elif e["type"] == "missing":
             msg = "required, but missing"
         lines.append(f"  - {loc}: {msg}")

@@ -86,6 +86,12 @@ def test_unknown_key_names_dotted_field(section: str | None, key: str, dotted: s
     assert "test.yaml: 1 invalid setting(s)" in msg
 
 
+def test_a_renamed_setting_says_what_replaced_it() -> None:
+    data = minimal()
+    data.setdefault("train", {})["gradient_checkpointing"] = True
+    assert "  - train.gradient_checkpointing: replaced by train.memory_profile: true -> 'balanced'" in error_of(data)
+
+
 @pytest.mark.parametrize(
     ("override", "field", "allowed"),
     [
