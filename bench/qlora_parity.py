@@ -1,8 +1,8 @@
 """Quality parity of QLoRA and 16-bit LoRA on the demo model and data (CPU).
 
-    python bench/qlora_parity.py --json parity.json                      # demo size, ~10 min on 2 CPU cores
+    python bench/qlora_parity.py --json parity.json                      # demo size, ~5 min on 2 CPU cores
     python bench/qlora_parity.py --variants qlora-nf4 lora-bf16          # without the fp32 row
-    python bench/qlora_parity.py --steps 2 --eval-rows 4 --set eval.max_new_tokens=4   # smoke (~30 s)
+    python bench/qlora_parity.py --steps 2 --eval-rows 4 --set eval.max_new_tokens=4   # smoke (~40 s)
 
 The QLoRA paper's central claim is that LoRA on an NF4 + double-quantized base matches LoRA on
 the same base in 16 bits. This measures that claim on the demo (configs/demo.yaml: SmolLM2-135M,
