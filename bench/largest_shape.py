@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
         rows.append(row)
         print(row, flush=True)
         gc.collect()  # peft models hold reference cycles: free the last shape before the next one
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 

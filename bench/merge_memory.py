@@ -46,7 +46,7 @@ for p in (HERE.parent, HERE):  # the repository's packages, and bench/train_thro
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from train_throughput import LINEAR, SHAPES, load_4bit  # noqa: E402
+from train_throughput import LINEAR, SHAPES, build, load_4bit  # noqa: E402
 
 MODES = ["in-memory", "stream"]
 
@@ -62,34 +62,6 @@ class Result:
     error: str | None = None
 
 
-def build_bf16(shape: str, out: Path) -> Path:
-    """A random-init Llama of ``shape`` saved in bf16, built in bf16.
-
-    train_throughput.build initializes in fp32 and casts, which holds 6 bytes per parameter
-    (22 GB for 3b); this holds 2, so the 3b checkpoint builds on a 24 GB machine.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=vocab,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    del model
-    return out
-
-
 def prepare(shape: str, work: Path) -> tuple[Path, Path, int]:
     """The 4-bit checkpoint and the adapter (reused when ``work`` already holds them); and the parameter count."""
     import torch
@@ -97,7 +69,7 @@ def prepare(shape: str, work: Path) -> tuple[Path, Path, int]:
 
     base, adapter = work / f"{shape}-nf4", work / f"{shape}-lora-r16"
     if not (base / "config.json").is_file():
-        full = build_bf16(shape, work / f"{shape}-bf16")
+        full = build(shape, work / f"{shape}-bf16")
         model = load_4bit(full)
         model.save_pretrained(base)
         shutil.rmtree(full)  # 16 GB for 8b, not needed any more
@@ -133,20 +105,15 @@ def proc_status_gb(field: str, pid: int | str = "self") -> float:
 def child(mode: str, base: Path, adapter: Path, out: Path, dtype_name: str, max_shard_gb: float, result: Path) -> None:
     import bitsandbytes  # noqa: F401  (imported before the clock starts, as every other library)
     import peft  # noqa: F401
-    import torch
 
-    from loraflow.models import DTYPES, dequantize, load_quantized
-    from loraflow.streaming_merge import stream_merge
+    from loraflow.models import DTYPES
+    from loraflow.streaming_merge import merge_in_memory, stream_merge
 
     dtype = DTYPES[dtype_name]
     before = proc_status_gb("VmRSS")
     start = time.perf_counter()
     if mode == "in-memory":
-        from peft import PeftModel
-
-        plain = dequantize(load_quantized(base, device="cpu"), torch.float32)
-        merged = PeftModel.from_pretrained(plain, str(adapter)).merge_and_unload()
-        merged.to(dtype).save_pretrained(out)
+        merge_in_memory(base, adapter).to(dtype).save_pretrained(out)
     else:
         stream_merge(base, adapter, out, dtype=dtype, max_shard_bytes=int(max_shard_gb * 1e9))
     seconds = time.perf_counter() - start

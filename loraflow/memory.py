@@ -34,11 +34,11 @@ PROFILES: dict[str, ProfileSettings] = {
 }
 
 
-def apply_profile(model: torch.nn.Module, profile: MemoryProfile) -> ProfileSettings:
+def apply_profile(model: torch.nn.Module, profile: MemoryProfile) -> None:
     """Set up activation recomputation on a (not yet LoRA-wrapped) transformers model."""
     settings = PROFILES[profile]
     if settings.recompute == "none":
-        return settings
+        return
     func: Callable[..., Any] = (
         offloaded_checkpoint if settings.recompute == "layer_offload" else _non_reentrant_checkpoint
     )
@@ -47,7 +47,6 @@ def apply_profile(model: torch.nn.Module, profile: MemoryProfile) -> ProfileSett
     # method, whose name and arguments changed within transformers 5.
     model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
     model.enable_input_require_grads()  # frozen embeddings: the first layer's input must carry a gradient
-    return settings
 
 
 def _non_reentrant_checkpoint(function: Callable[..., Any], *args: Any) -> Any:

@@ -289,6 +289,18 @@ def _make(e: _Entry, base: _Tensors, adapter: _Tensors | None, dtype: torch.dtyp
         return w.to(dtype, copy=not fresh) if w.is_floating_point() else w.clone()
 
 
+def merge_in_memory(base_dir: str | Path, adapter_dir: str | Path | None) -> torch.nn.Module:
+    """The in-memory merge that :func:`stream_merge` replaced: the whole 4-bit model dequantized to
+    fp32 and peft's ``merge_and_unload``. It holds the whole model in fp32 twice over (small models
+    only); kept as the reference the streaming merge is tested and benchmarked against."""
+    from peft import PeftModel
+
+    from loraflow.models import dequantize, load_quantized
+
+    plain = dequantize(load_quantized(base_dir, device="cpu"), torch.float32)
+    return plain if adapter_dir is None else PeftModel.from_pretrained(plain, str(adapter_dir)).merge_and_unload()
+
+
 def stream_merge(
     base_dir: str | Path,
     adapter_dir: str | Path | None,

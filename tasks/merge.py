@@ -26,22 +26,12 @@ from transformers import AutoModelForCausalLM
 
 from loraflow.config import MergeConfig
 from loraflow.errors import StageError
-from loraflow.models import DTYPES, default_device, dequantize, load_quantized, load_tokenizer
+from loraflow.models import DTYPES, default_device, load_quantized, load_tokenizer
 from loraflow.prompts import prompt_text, reference
 from loraflow.records import Adapter, MergedModel, QuantizedBase, ValidatedData
 from loraflow.streaming_merge import stream_merge
 from loraflow.tracking import NULL_TRACKER, Tracker
 from tasks.train import read_jsonl
-
-
-def merge_adapter(base: QuantizedBase, adapter: Adapter) -> torch.nn.Module:
-    """The whole 4-bit base dequantized to fp32 with the adapter folded in, in host memory.
-
-    The in-memory merge that :func:`merge` replaced; kept as the reference the streaming merge is
-    tested against (it needs the whole model in fp32 twice over: small models only).
-    """
-    plain = dequantize(load_quantized(base.path, device="cpu"), torch.float32)
-    return PeftModel.from_pretrained(plain, adapter.path).merge_and_unload()
 
 
 @torch.no_grad()

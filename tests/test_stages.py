@@ -32,8 +32,9 @@ from loraflow.models import (
 )
 from loraflow.prompts import last_user_turn, prompt_text, reference
 from loraflow.records import Adapter, QuantizedBase
+from loraflow.streaming_merge import merge_in_memory
 from tasks.evaluate import evaluate, heldout_loss, rouge_l
-from tasks.merge import max_logit_diff, merge, merge_adapter
+from tasks.merge import max_logit_diff, merge
 from tasks.quantize import quantize
 from tasks.train import encode_all, prepare_for_training, read_jsonl, train
 from tests.conftest import make_validated_data, tiny_records, torch_threads
@@ -454,7 +455,7 @@ def test_merged_dir_is_a_plain_hf_model(merged, trained, tiny_quantized, tiny_da
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
 
     batch = eval_batch(tok, tiny_data)
-    in_memory = merge_adapter(tiny_quantized, trained).eval()
+    in_memory = merge_in_memory(tiny_quantized.path, trained.path).eval()
     assert max_logit_diff(loaded, in_memory, batch) <= 1e-6
     reference_model = PeftModel.from_pretrained(
         load_quantized(tiny_quantized.path, compute_dtype="float32"), trained.path

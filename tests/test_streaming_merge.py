@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from loraflow.config import BaseModelConfig, QuantConfig
 from loraflow.errors import StageError
-from loraflow.models import dequantize, load_quantized
-from loraflow.streaming_merge import INDEX, WEIGHTS, stream_merge
+from loraflow.models import load_quantized
+from loraflow.streaming_merge import INDEX, WEIGHTS, merge_in_memory, stream_merge
 from tasks.quantize import quantize
 from tests.conftest import torch_threads
 
@@ -50,16 +50,11 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def in_memory_merge(base_path: str | Path, adapter: Path | None) -> torch.nn.Module:
-    plain = dequantize(load_quantized(base_path, device="cpu"), torch.float32)
-    return plain if adapter is None else PeftModel.from_pretrained(plain, str(adapter)).merge_and_unload()
-
-
 def test_dequantized_weights_equal_loraflow_dequantize_exactly(tiny_quantized, tmp_path) -> None:
     result = stream_merge(tiny_quantized.path, None, tmp_path / "out")
     assert result.files == [WEIGHTS] and result.adapted_modules == 0
     written = read_all(tmp_path / "out")
-    reference = in_memory_merge(tiny_quantized.path, None).state_dict()
+    reference = merge_in_memory(tiny_quantized.path, None).state_dict()
     assert written.keys() == reference.keys()
     for k, v in reference.items():
         assert written[k].dtype == torch.float32
@@ -83,8 +78,8 @@ def test_streaming_merge_equals_merge_and_unload(tiny_quantized, tmp_path, lora)
     result = stream_merge(tiny_quantized.path, adapter, tmp_path / "out")
     assert result.adapted_modules == 2 * len(PROJECTIONS)
     written = read_all(tmp_path / "out")
-    merged = in_memory_merge(tiny_quantized.path, adapter).state_dict()
-    base = in_memory_merge(tiny_quantized.path, None).state_dict()
+    merged = merge_in_memory(tiny_quantized.path, adapter).state_dict()
+    base = merge_in_memory(tiny_quantized.path, None).state_dict()
     assert written.keys() == merged.keys()
     for k in merged:
         assert (written[k] - merged[k]).abs().max().item() <= 1e-6, k
@@ -154,7 +149,7 @@ def test_tied_embeddings_stay_tied(tied_quantized, tmp_path) -> None:
     assert "lm_head.weight" not in written
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
-    merged = in_memory_merge(tied_quantized.path, adapter).eval()
+    merged = merge_in_memory(tied_quantized.path, adapter).eval()
     ids = torch.arange(1, 33).reshape(2, 16)
     with torch.no_grad():
         assert (loaded(ids).logits - merged(ids).logits).abs().max().item() <= 1e-5
