@@ -220,17 +220,21 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
         apply_liger_kernel_to_llama(
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
         )
-    model = prepare_for_training(model, lora, profile, "on" if "compile" in extras else "off")
+    model = prepare_for_training(
+        model, lora, profile, "on" if "compile" in extras else "off", fused="peft" not in extras
+    )
     chunk = PROFILES[profile].loss_chunk_tokens
+    autocast = "autocast" in extras  # peft's forward, LoRA in bf16 (with +peft)
 
     def step_loss(b):
-        loss_sum, n = token_loss_sum(model, b, chunk_tokens=chunk)
+        with torch.autocast(model.device.type, torch.bfloat16, enabled=autocast):
+            loss_sum, n = token_loss_sum(model, b, chunk_tokens=chunk)
         return loss_sum / n
 
     return model, step_loss
 
 
-def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warmup: int) -> Result:
+def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warmup: int, profile: int = 0) -> Result:
     import torch
 
     engine, mode = variant.split(":", 1)
@@ -241,7 +245,9 @@ def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warm
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.get_input_embeddings().weight.shape[0]
     device = model.get_input_embeddings().weight.device
-    data = [{k: v.to(device) for k, v in b.items()} for b in batches(vocab, batch, seq, warmup + steps)]
+    data = batches(vocab, batch, seq, warmup + steps)
+    if engine != "loraflow":  # the train stage takes host batches and moves them itself (loraflow/loss.py)
+        data = [{k: v.to(device) for k, v in b.items()} for b in data]
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -260,6 +266,18 @@ def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warm
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if profile:  # after the timed steps: two more, under the profiler, the kernels' share printed
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for b in data[:2]:
+                step_loss(b).backward()
+                opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=profile, max_name_column_width=90))
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
     reserved = torch.cuda.max_memory_reserved() / 1e9 if cuda else float("nan")
     return Result(variant, batch, tokens / seconds, peak, reserved, losses)
@@ -273,7 +291,7 @@ def worker(args: argparse.Namespace) -> None:
 
             if importlib.util.find_spec("unsloth") is None:
                 raise ModuleNotFoundError("unsloth is not installed")
-        result = run_variant(args.variant, args.model, args.batch, args.seq, args.steps, args.warmup)
+        result = run_variant(args.variant, args.model, args.batch, args.seq, args.steps, args.warmup, args.profile)
     except Exception as e:  # reported as the variant's result: one failing variant must not end the table
         import torch
 
@@ -291,10 +309,13 @@ def worker(args: argparse.Namespace) -> None:
 # --- the side-by-side run ---
 
 
-def spawn(variant: str, model: Path, batch: int, seq: int, steps: int, warmup: int, tmp: Path) -> Result:
+def spawn(
+    variant: str, model: Path, batch: int, seq: int, steps: int, warmup: int, tmp: Path, profile: int = 0
+) -> Result:
     out = tmp / f"{variant.replace(':', '-').replace('+', '_')}-{batch}.json"
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--model", str(model)]
     cmd += ["--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
+    cmd += ["--profile", str(profile)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     out.with_suffix(".log").write_text(proc.stdout + proc.stderr)  # the worker's whole output, kept for failures
     if not out.is_file():
@@ -366,6 +387,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="batch sizes of the sweep")
     ap.add_argument("--workdir", type=Path, help="keep the 4-bit checkpoint here between runs (default: a temp dir)")
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="profile two extra steps; the top N kernels go to the logs"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -387,7 +411,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         print(f"4-bit {args.shape} checkpoint ready in {time.perf_counter() - start:.0f} s: {model}", flush=True)
         logs = folder / "logs"
         logs.mkdir(exist_ok=True)
-        results = [spawn(v, model, args.batch, args.seq, args.steps, args.warmup, logs) for v in args.variants]
+        results = [
+            spawn(v, model, args.batch, args.seq, args.steps, args.warmup, logs, args.profile) for v in args.variants
+        ]
         sweep: list[Result] = []
         if args.budgets:
             limit = max(args.budgets)

@@ -33,22 +33,30 @@ def token_loss_sum(
     every example and no attention mask: transformers then builds a block-diagonal causal mask
     from them, so packed examples never attend to each other.
     """
-    batch = {k: v.to(model.device) for k, v in batch.items()}
+    # Which positions are scored is worked out where the labels are (the host, for the stages'
+    # batches): no GPU synchronisation for the token count or the selection.
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
     n_tokens = int(selected.sum())
+    rows, cols = selected.nonzero(as_tuple=True)
+    positions = rows * batch["labels"].size(1) + cols  # of the labelled tokens' predictors, in (batch x seq)
+    labels = targets[rows, cols].to(model.device, non_blocking=True)
+    positions = positions.to(model.device, non_blocking=True)
+    batch = {k: v.to(model.device, non_blocking=True) for k, v in batch.items()}
     inputs = model_inputs(batch)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if chunk_tokens is None or causal_lm.config.model_type not in PLAIN_HEAD_MODELS:
         logits = model(**inputs).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.reshape(-1, logits.size(-1)),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         return loss, n_tokens
-    hidden = causal_lm.get_decoder()(**inputs)
-    hidden = hidden.last_hidden_state[:, :-1][selected]  # (labelled tokens, hidden)
+    hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, positions)  # (labelled tokens, hidden)
     head = causal_lm.get_output_embeddings()
-    labels = targets[selected]
     if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
         return _FusedHeadCrossEntropy.apply(hidden, head.weight, labels, chunk_tokens), n_tokens
     loss = hidden.new_zeros((), dtype=torch.float32)

@@ -72,7 +72,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     Forward: run the layer without autograd, copy its input (tokens x hidden, bf16) to the host
     while the next layers compute. Backward: copy it back, replay the layer with the same RNG
-    state (LoRA dropout draws the same mask) and backpropagate through the replay.
+    state (LoRA dropout draws the same mask) and autocast state, and backpropagate through the
+    replay.
     """
 
     @staticmethod
@@ -80,6 +81,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.function, ctx.args, ctx.device = function, args, hidden.device
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda = hidden.is_cuda
+        kind = hidden.device.type
+        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
         if ctx.cuda:
             ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device)
         with torch.no_grad():
@@ -104,7 +107,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         hidden = ctx.host.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
         ctx.host = None
         devices = [ctx.device] if ctx.cuda else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        kind, dtype, enabled = ctx.autocast
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(kind, dtype, enabled):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)

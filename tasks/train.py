@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from loraflow.batching import collate, collate_packed, micro_batches, packed_micro_batches, packed_rows_per_epoch
 from loraflow.config import CompileMode, LoraConfig, TrainConfig
 from loraflow.errors import DataError
+from loraflow.lora4bit import fuse_lora_4bit
 from loraflow.loss import token_loss_sum
 from loraflow.memory import PROFILES, MemoryProfile, apply_profile
 from loraflow.models import load_quantized, load_tokenizer
@@ -54,7 +55,11 @@ def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
 
 
 def prepare_for_training(
-    model: torch.nn.Module, lora: LoraConfig, profile: MemoryProfile, compile: CompileMode = "off"
+    model: torch.nn.Module,
+    lora: LoraConfig,
+    profile: MemoryProfile,
+    compile: CompileMode = "off",
+    fused: bool = True,
 ) -> torch.nn.Module:
     """Freeze the (4-bit) base, set up the memory profile and wrap it with a fresh LoRA adapter.
 
@@ -68,6 +73,8 @@ def prepare_for_training(
         p.requires_grad_(False)
     apply_profile(model, profile)
     peft_model = get_peft_model(model, peft_config(lora))
+    if fused:
+        fuse_lora_4bit(peft_model)
     if compile == "on" or (compile == "auto" and model.device.type == "cuda"):
         for layer in model.get_decoder().layers:
             layer.compile()

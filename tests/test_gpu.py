@@ -34,7 +34,14 @@ def test_quantize_train_evaluate_merge_on_cuda(tiny_model_dir, tiny_data, tmp_pa
     assert torch.cuda.max_memory_allocated() > 0
 
 
-@pytest.mark.parametrize("update", [{"memory_profile": "lean"}, {"memory_profile": "balanced", "compile": "on"}])
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"memory_profile": "lean"},
+        {"memory_profile": "balanced", "compile": "on"},
+        {"memory_profile": "lean", "compile": "on"},
+    ],
+)
 def test_memory_profiles_and_compile_give_the_same_curve_on_cuda(tiny_model_dir, tiny_data, tmp_path, update):
     """On CUDA the lean profile moves layer inputs through pinned memory on a side stream, and
     'auto' compiles the layers: neither may change what a step computes."""
@@ -54,3 +61,14 @@ def test_memory_profiles_and_compile_give_the_same_curve_on_cuda(tiny_model_dir,
     reference = curve(cfg, "reference")
     other = curve(cfg.model_copy(update=update), "other")
     assert other == pytest.approx(reference, rel=2e-3)  # bf16 compute: kernels may round differently
+
+
+def test_fused_lora_layers_compute_what_peft_computes_on_cuda(tiny_quantized):
+    """The fused LoRA-on-4-bit operator (loraflow/lora4bit.py) on the CUDA kernels of bitsandbytes:
+    peft's loss and gradients, the model computing in fp32."""
+    from tests.test_stages import fused_vs_peft
+
+    fused, ref_loss, loss, errors = fused_vs_peft(tiny_quantized.path, "cuda:0")
+    assert fused == 2 * 7
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert max(errors.values()) < 1e-4, errors
