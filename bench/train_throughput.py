@@ -19,12 +19,16 @@ every layer on the same random token batches from the same seed:
             (`ckpt`) or none (`none`)
   loraflow  the train stage's own code (tasks/train.py `prepare_for_training`, loraflow/loss.py
             `token_loss_sum`) in each memory profile (`fast`, `balanced`, `lean`), optionally
-            with Liger's fused RMSNorm/SwiGLU/RoPE (`+liger`) or compiled decoder layers (`+compile`)
+            with Liger's fused RMSNorm/SwiGLU/RoPE (`+liger`) or compiled decoder layers (`+compile`);
+            `+peft` keeps peft's own LoRA layers instead of loraflow/lora4bit.py's fused operator
+            (the code before it), `+autocast` runs the step under torch.autocast(bf16)
 
 It prints tokens/s, peak GPU memory (allocated and reserved), the ratio to every other variant,
 and the largest difference of the first 20 losses against the first variant. With --budgets it
 sweeps batch sizes for each variant and reports the best tokens/s each system reaches within
-each memory budget (peak reserved memory, what a card of that size must hold).
+each memory budget (peak reserved memory, what a card of that size must hold). With --profile N
+each variant profiles two more steps and its log (in the work folder's logs/) gets the top N
+kernels by device time.
 """
 
 from __future__ import annotations
