@@ -595,3 +595,22 @@ def test_fused_lora_dropout_is_the_reference_dropout_with_the_same_mask(tiny_qua
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cpu_without_bf16_instructions_computes_in_fp32(tiny_quantized, monkeypatch) -> None:
+    """bf16 matrix products on a CPU without AVX512-BF16 take a slow generic path (131 s for one
+    demo step on an AVX2 EPYC, loraflow/models.py): there a bf16 model loads in fp32; elsewhere,
+    and for an explicit compute_dtype, as saved."""
+    import bitsandbytes.functional
+
+    from loraflow.models import cpu_compute_dtype
+
+    for has_bf16, expected in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda v=has_bf16: v)
+        assert cpu_compute_dtype(torch.float32) is None
+        model = load_quantized(tiny_quantized.path, device="cpu")
+        layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+        assert model.get_input_embeddings().weight.dtype == expected
+        assert layer.compute_dtype == expected
+    explicit = load_quantized(tiny_quantized.path, device="cpu", compute_dtype="bfloat16")
+    assert explicit.get_input_embeddings().weight.dtype == torch.bfloat16
