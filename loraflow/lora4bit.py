@@ -175,7 +175,8 @@ def _backward(ctx, grad, _grad_xa, _grad_mask):
     grad_x, grad_a, grad_b = lora_nf4_backward(
         grad, x, xa, mask, *state, lora_a, lora_b, ctx.scale, ctx.dropout, need_x
     )
-    return (grad_x if need_x else None,) + (None,) * 10 + (grad_a, grad_b, None, None)
+    no_grad_state = (None,) * len(ctx.state)  # the 4-bit weight and its quantization state
+    return (grad_x if need_x else None, *no_grad_state, grad_a, grad_b, None, None)
 
 
 lora_nf4.register_autograd(_backward, setup_context=_setup_context)

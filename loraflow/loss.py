@@ -38,15 +38,10 @@ def token_loss_sum(
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
     n_tokens = int(selected.sum())
-    rows, cols = selected.nonzero(as_tuple=True)
-    positions = rows * batch["labels"].size(1) + cols  # of the labelled tokens' predictors, in (batch x seq)
-    labels = targets[rows, cols].to(model.device, non_blocking=True)
-    positions = positions.to(model.device, non_blocking=True)
-    batch = {k: v.to(model.device, non_blocking=True) for k, v in batch.items()}
-    inputs = model_inputs(batch)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if chunk_tokens is None or causal_lm.config.model_type not in PLAIN_HEAD_MODELS:
-        logits = model(**inputs).logits[:, :-1].float()
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        logits = model(**model_inputs(batch)).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)),
             batch["labels"][:, 1:].reshape(-1),
@@ -54,7 +49,12 @@ def token_loss_sum(
             reduction="sum",
         )
         return loss, n_tokens
-    hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
+    rows, cols = selected.nonzero(as_tuple=True)
+    positions = rows * batch["labels"].size(1) + cols  # of the labelled tokens' predictors, in (batch x seq)
+    labels = targets[rows, cols].to(model.device, non_blocking=True)
+    positions = positions.to(model.device, non_blocking=True)
+    batch = {k: v.to(model.device, non_blocking=True) for k, v in batch.items()}
+    hidden = causal_lm.get_decoder()(**model_inputs(batch)).last_hidden_state
     hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, positions)  # (labelled tokens, hidden)
     head = causal_lm.get_output_embeddings()
     if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:

@@ -7,6 +7,7 @@ MLflow or datasets, so that it runs on the GPU image as it is.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import logging
@@ -176,15 +177,15 @@ def cpu_compute_dtype(saved: torch.dtype) -> str | None:
 
     if saved not in (torch.bfloat16, torch.float16) or has_avx512bf16():
         return None
-    if not _warned_cpu_dtype:
-        _warned_cpu_dtype.append(True)
-        logging.getLogger(__name__).warning(
-            "this CPU has no bfloat16 instructions (AVX512-BF16): computing in float32 instead of %s", saved
-        )
+    _warn_cpu_fp32(saved)
     return "float32"
 
 
-_warned_cpu_dtype: list[bool] = []
+@functools.cache  # once per process and dtype
+def _warn_cpu_fp32(saved: torch.dtype) -> None:
+    logging.getLogger(__name__).warning(
+        "this CPU has no bfloat16 instructions (AVX512-BF16): computing in float32 instead of %s", saved
+    )
 
 
 def dequantize(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
