@@ -21,7 +21,9 @@ every layer on the same random token batches from the same seed:
             `token_loss_sum`) in each memory profile (`fast`, `balanced`, `lean`), optionally
             with Liger's fused RMSNorm/SwiGLU/RoPE (`+liger`) or compiled decoder layers (`+compile`);
             `+peft` keeps peft's own LoRA layers instead of loraflow/lora4bit.py's fused operator
-            (the code before it), `+autocast` runs the step under torch.autocast(bf16)
+            (the code before it), `+autocast` runs the step under torch.autocast(bf16);
+            `+ungrouped` calls the operator once per projection (no q/k/v and gate/up groups),
+            `+bnbops` dequantizes through bitsandbytes' operators instead of its kernels directly
 
 It prints tokens/s, peak GPU memory (allocated and reserved), the ratio to every other variant,
 and the largest difference of the first 20 losses against the first variant. With --budgets it
@@ -213,6 +215,8 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
                 model.enable_input_require_grads()
         model = get_peft_model(model, peft_config(lora))
         return model, lambda b: model(**b).loss
+    from loraflow import lora4bit
+    from loraflow.lora4bit import fuse_lora_4bit
     from loraflow.loss import token_loss_sum
     from loraflow.memory import PROFILES
     from tasks.train import prepare_for_training
@@ -225,8 +229,11 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
         )
     model = prepare_for_training(
-        model, lora, profile, "on" if "compile" in extras else "off", fused="peft" not in extras
+        model, lora, profile, "on" if "compile" in extras else "off", fused=not {"peft", "ungrouped"} & set(extras)
     )
+    if "ungrouped" in extras:  # the fused layers one by one (compiling starts at the first step)
+        fuse_lora_4bit(model, group=False)
+    lora4bit.DIRECT_DEQUANTIZE = "bnbops" not in extras
     chunk = PROFILES[profile].loss_chunk_tokens
     autocast = "autocast" in extras  # peft's forward, LoRA in bf16 (with +peft)
 

@@ -68,7 +68,32 @@ def test_fused_lora_layers_compute_what_peft_computes_on_cuda(tiny_quantized):
     peft's loss and gradients, the model computing in fp32."""
     from tests.test_stages import fused_vs_peft
 
-    fused, ref_loss, loss, errors = fused_vs_peft(tiny_quantized.path, "cuda:0")
+    fused, group_sizes, ref_loss, loss, errors = fused_vs_peft(tiny_quantized.path, "cuda:0")
     assert fused == 2 * 7
+    assert group_sizes == [1, 1, 1, 1, 2, 2, 3, 3]
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert max(errors.values()) < 1e-4, errors
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_fused_operator_dequantizes_bit_for_bit_like_bitsandbytes(nested, dtype_name):
+    """On training-sized inputs the operator calls bitsandbytes' dequantization kernels directly
+    (loraflow/lora4bit.py, _Quant): its base product and its dequantized weight must be exactly
+    those of bitsandbytes' own Linear4bit forward and dequantize_4bit."""
+    import bitsandbytes as bnb
+    import torch
+
+    from loraflow.lora4bit import _GEMM_4BIT_MAX_ROWS, _operator_inputs, _Quant
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(1024, 384, bias=False, compute_dtype=dtype, compress_statistics=nested)
+    layer = layer.cuda()  # quantizes
+    qs = layer.weight.quant_state
+    assert qs.nested == nested
+    quant = _Quant(*_operator_inputs([layer])[:9])
+    x = torch.randn(_GEMM_4BIT_MAX_ROWS + 512, 1024, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(quant.product(x, 0), layer(x))
+    assert torch.equal(quant.weight(0, dtype), bnb.functional.dequantize_4bit(layer.weight.data, qs))
