@@ -23,7 +23,9 @@ every layer on the same random token batches from the same seed:
             `+peft` keeps peft's own LoRA layers instead of loraflow/lora4bit.py's fused operator
             (the code before it), `+autocast` runs the step under torch.autocast(bf16);
             `+ungrouped` calls the operator once per projection (no q/k/v and gate/up groups),
-            `+bnbops` dequantizes through bitsandbytes' operators instead of its kernels directly
+            `+bnbops` dequantizes through bitsandbytes' operators instead of its kernels directly,
+            `+noprefetch` (`lean`) copies each offloaded layer input back only when its layer's
+            backward pass starts instead of during the backward pass of the layer after it
 
 It prints tokens/s, peak GPU memory (allocated and reserved), the ratio to every other variant,
 and the largest difference of the first 20 losses against the first variant. With --budgets it
@@ -215,7 +217,7 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
                 model.enable_input_require_grads()
         model = get_peft_model(model, peft_config(lora))
         return model, lambda b: model(**b).loss
-    from loraflow import lora4bit
+    from loraflow import lora4bit, memory
     from loraflow.lora4bit import fuse_lora_4bit
     from loraflow.loss import token_loss_sum
     from loraflow.memory import PROFILES
@@ -234,6 +236,7 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
     if "ungrouped" in extras:  # the fused layers one by one (compiling starts at the first step)
         fuse_lora_4bit(model, group=False)
     lora4bit.DIRECT_DEQUANTIZE = "bnbops" not in extras
+    memory.PREFETCH = "noprefetch" not in extras
     chunk = PROFILES[profile].loss_chunk_tokens
     autocast = "autocast" in extras  # peft's forward, LoRA in bf16 (with +peft)
 

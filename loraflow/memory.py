@@ -11,6 +11,7 @@ reaches on a GPU, and its cost in tokens/s, is in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,7 +59,13 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden: torch.Tensor, *ar
     return _OffloadedCheckpoint.apply(function, hidden, *args)
 
 
+# False: each offloaded input is copied back only when its own layer's backward pass starts
+# (bench/train_throughput.py's +noprefetch).
+PREFETCH = True
 _streams: dict[torch.device, torch.cuda.Stream] = {}
+# Per device, the offloaded checkpoint that ran last: the next one links to it, so that its
+# backward pass (which runs just before that one's) can bring its input back ahead of time.
+_last: dict[torch.device, weakref.ref] = {}
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -71,9 +78,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """Checkpoint a layer and move its input to pinned host memory on a side stream.
 
     Forward: run the layer without autograd, copy its input (tokens x hidden, bf16) to the host
-    while the next layers compute. Backward: copy it back, replay the layer with the same RNG
-    state (LoRA dropout draws the same mask) and autocast state, and backpropagate through the
-    replay.
+    while the next layers compute. Backward: take the input back (copied on the side stream while
+    the layer after it was backpropagated), replay the layer with the same RNG state (LoRA dropout
+    draws the same mask) and autocast state, and backpropagate through the replay; meanwhile the
+    side stream brings back the input of the layer before.
     """
 
     @staticmethod
@@ -87,6 +95,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device)
         with torch.no_grad():
             out = function(hidden, *args)
+        ctx.prefetched = None
         if ctx.cuda:
             host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
             stream = _copy_stream(hidden.device)
@@ -95,6 +104,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 host.copy_(hidden, non_blocking=True)
             hidden.record_stream(stream)  # the allocator keeps it until the copy is done
             ctx.copied = stream.record_event()
+            ctx.previous = _last.get(hidden.device)
+            _last[hidden.device] = weakref.ref(ctx)
         else:
             host = hidden.detach()  # already in host memory
         ctx.host = host
@@ -102,10 +113,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        if ctx.cuda:
-            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
-        hidden = ctx.host.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
-        ctx.host = None
+        hidden = _take_input(ctx).detach().requires_grad_(True)
+        if ctx.cuda and PREFETCH:
+            previous = ctx.previous() if ctx.previous else None
+            if previous is not None and previous.host is not None and previous.prefetched is None:
+                _prefetch(previous)  # overlaps with this layer's replay and backward
         devices = [ctx.device] if ctx.cuda else []
         kind, dtype, enabled = ctx.autocast
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(kind, dtype, enabled):
@@ -115,3 +127,25 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             out = ctx.function(hidden, *ctx.args)
         torch.autograd.backward(out, grad_out)
         return (None, hidden.grad) + (None,) * len(ctx.args)
+
+
+def _prefetch(ctx) -> None:
+    """Start copying an offloaded layer input back to the GPU on the side stream."""
+    stream = _copy_stream(ctx.device)
+    with torch.cuda.stream(stream):  # after the copy to the host: the same stream
+        hidden = ctx.host.to(ctx.device, non_blocking=True)
+    ctx.prefetched, ctx.host = (hidden, stream.record_event()), None
+
+
+def _take_input(ctx) -> torch.Tensor:
+    """An offloaded layer's input, back on its device (on the current stream)."""
+    if not ctx.cuda:
+        hidden, ctx.host = ctx.host, None
+        return hidden
+    if ctx.prefetched is None:
+        _prefetch(ctx)
+    (hidden, copied), ctx.prefetched = ctx.prefetched, None
+    compute = torch.cuda.current_stream(ctx.device)
+    compute.wait_event(copied)
+    hidden.record_stream(compute)  # allocated on the side stream, used and freed on this one
+    return hidden

@@ -89,9 +89,9 @@ def test_fused_operator_dequantizes_bit_for_bit_like_bitsandbytes(nested, dtype_
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(1024, 384, bias=False, compute_dtype=dtype, compress_statistics=nested)
-    layer = layer.cuda()  # quantizes
+    layer = layer.to(dtype).cuda()  # quantizes, keeping dtype as the state's
     qs = layer.weight.quant_state
-    assert qs.nested == nested
+    assert (qs.nested, qs.dtype) == (nested, dtype)
     quant = _Quant(*_operator_inputs([layer])[:9])
     x = torch.randn(_GEMM_4BIT_MAX_ROWS + 512, 1024, device="cuda", dtype=dtype)
     with torch.no_grad():
