@@ -25,7 +25,9 @@ every layer on the same random token batches from the same seed:
             `+ungrouped` calls the operator once per projection (no q/k/v and gate/up groups),
             `+bnbops` dequantizes through bitsandbytes' operators instead of its kernels directly,
             `+noprefetch` (`lean`) copies each offloaded layer input back only when its layer's
-            backward pass starts instead of during the backward pass of the layer after it
+            backward pass starts instead of during the backward pass of the layer after it,
+            `+scratch` dequantizes into one reused buffer, `+expandable` runs with PyTorch's
+            expandable_segments allocator setting
 
 It prints tokens/s, peak GPU memory (allocated and reserved), the ratio to every other variant,
 and the largest difference of the first 20 losses against the first variant. With --budgets it
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -236,6 +239,7 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
     if "ungrouped" in extras:  # the fused layers one by one (compiling starts at the first step)
         fuse_lora_4bit(model, group=False)
     lora4bit.DIRECT_DEQUANTIZE = "bnbops" not in extras
+    lora4bit.SCRATCH = "scratch" in extras
     memory.PREFETCH = "noprefetch" not in extras
     chunk = PROFILES[profile].loss_chunk_tokens
     autocast = "autocast" in extras  # peft's forward, LoRA in bf16 (with +peft)
@@ -252,6 +256,8 @@ def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warm
     import torch
 
     engine, mode = variant.split(":", 1)
+    if "+expandable" in mode:  # read when the CUDA allocator starts, at the first allocation
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     cuda = torch.cuda.is_available()
     model, step_loss = prepare(engine, mode, path, seq)
     model.train()
