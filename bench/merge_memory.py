@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         child(args.child, args.base, args.adapter, args.out, args.dtype, args.max_shard_gb, args.result)
         return {}
 
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp_name:
         tmp = Path(tmp_name)
         work = args.workdir or tmp

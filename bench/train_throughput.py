@@ -26,8 +26,7 @@ every layer on the same random token batches from the same seed:
             `+bnbops` dequantizes through bitsandbytes' operators instead of its kernels directly,
             `+noprefetch` (`lean`) copies each offloaded layer input back only when its layer's
             backward pass starts instead of during the backward pass of the layer after it,
-            `+scratch` dequantizes into one reused buffer, `+expandable` runs with PyTorch's
-            expandable_segments allocator setting
+            `+expandable` runs with PyTorch's expandable_segments allocator setting
 
 It prints tokens/s, peak GPU memory (allocated and reserved), the ratio to every other variant,
 and the largest difference of the first 20 losses against the first variant. With --budgets it
@@ -239,7 +238,6 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
     if "ungrouped" in extras:  # the fused layers one by one (compiling starts at the first step)
         fuse_lora_4bit(model, group=False)
     lora4bit.DIRECT_DEQUANTIZE = "bnbops" not in extras
-    lora4bit.SCRATCH = "scratch" in extras
     memory.PREFETCH = "noprefetch" not in extras
     chunk = PROFILES[profile].loss_chunk_tokens
     autocast = "autocast" in extras  # peft's forward, LoRA in bf16 (with +peft)

@@ -57,10 +57,6 @@ from torch import Tensor
 _GEMM_4BIT_MAX_ROWS = 1536
 # False: every dequantization through bitsandbytes' operators (bench/train_throughput.py's +bnbops).
 DIRECT_DEQUANTIZE = True
-# True: dequantize into one buffer per device and dtype, reused by every call on the device's
-# stream, instead of a fresh allocation per weight (bench/train_throughput.py's +scratch).
-SCRATCH = False
-_scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # The parent modules' projections that read the parent's input, grouped into one operator call.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -121,9 +117,7 @@ class _Quant:
                 blocksize2, absmax.numel(), stream,
             )  # fmt: skip
             absmax = scales.add_(offset[i])
-        out = _scratch_buffer(q.device, dtype, self.shapes[i]) if SCRATCH else None
-        if out is None:
-            out = torch.empty(self.shapes[i], dtype=dtype, device=q.device)
+        out = torch.empty(self.shapes[i], dtype=dtype, device=q.device)
         dequantize = getattr(lib, f"cdequantize_blockwise_{_DTYPE_NAMES[dtype]}_{self.quant_type}")
         dequantize(None, q.data_ptr(), absmax.data_ptr(), out.data_ptr(), self.blocksize, out.numel(), stream)
         return out
@@ -141,18 +135,6 @@ class _Quant:
             x, q, self.shapes[i], absmax2[i], self.blocksize, self.quant_type,
             absmax_8bit=absmax, absmax_code=code2[i], absmax_offset=offset[i],
         )  # fmt: skip
-
-
-def _scratch_buffer(device: torch.device, dtype: torch.dtype, shape: list[int]) -> Tensor | None:
-    """The device's dequantization buffer, grown to ``shape``; None off the default stream, where
-    stream order would not protect it."""
-    if torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
-        return None
-    numel = shape[0] * shape[1]
-    buffer = _scratch.get((device, dtype))
-    if buffer is None or buffer.numel() < numel:
-        buffer = _scratch[device, dtype] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel].view(shape)
 
 
 def _rows(lora_a: Sequence[Tensor]) -> list[slice]:
