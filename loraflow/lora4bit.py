@@ -188,15 +188,15 @@ def lora_nf4(
     """
     quant = _Quant(qweights, absmax, absmax2, code2, offset, blocksize2, shapes, blocksize, quant_type)
     ys = [quant.product(x, i) for i in range(len(quant))]
-    masks = _keep_masks(x, len(quant), dropout)
+    masks, rows = _keep_masks(x, len(quant), dropout), _rows(lora_a)
     if dropout == 0:
         xa_t = _stacked(lora_a, x.dtype) @ x.t()
     else:
-        xa_t = x.new_empty(sum(a.shape[0] for a in lora_a), x.shape[0])
-        for rows, a, mask in zip(_rows(lora_a), lora_a, masks, strict=True):
-            torch.mm(a.to(x.dtype), _dropped(x, mask, dropout).t(), out=xa_t[rows])
-    for y, rows, b, s in zip(ys, _rows(lora_a), lora_b, scales, strict=True):
-        y.addmm_(xa_t[rows].t(), b.to(x.dtype).t(), alpha=s)
+        xa_t = x.new_empty(rows[-1].stop, x.shape[0])
+        for r, a, mask in zip(rows, lora_a, masks, strict=True):
+            torch.mm(a.to(x.dtype), _dropped(x, mask, dropout).t(), out=xa_t[r])
+    for y, r, b, s in zip(ys, rows, lora_b, scales, strict=True):
+        y.addmm_(xa_t[r].t(), b.to(x.dtype).t(), alpha=s)
     return [*ys, xa_t, masks]
 
 
@@ -397,7 +397,7 @@ def _grouped_forward(self, *args, **kwargs):
 
 def _groupable(layers: Sequence[torch.nn.Module]) -> bool:
     """Fused layers on one input whose weights the operator can take in one call."""
-    if not all(getattr(layer, "forward", None).__func__ is _fused_forward for layer in layers):
+    if not all(getattr(layer.forward, "__func__", None) is _fused_forward for layer in layers):
         return False
     states = [layer.base_layer.weight.quant_state for layer in layers]
     config = {
@@ -439,8 +439,3 @@ def fuse_lora_4bit(model: torch.nn.Module, group: bool = True) -> int:
             parent._loraflow_input = list(inspect.signature(type(parent).forward).parameters)[1]
             parent.forward = types.MethodType(_grouped_forward, parent)
     return n
-
-
-def grouped_parents(model: torch.nn.Module) -> int:
-    """How many modules compute groups of their projections in one operator call."""
-    return sum(1 for m in model.modules() if "_loraflow_groups" in m.__dict__)
