@@ -212,13 +212,15 @@ class Demo:
 
 def load_demo(rows: int, cache_dir: Path) -> Demo:
     from loraflow.config import load_config
-    from loraflow.models import load_quantized, load_tokenizer
-    from loraflow.prompts import prompt_text, reference
+    from loraflow.ml.examples import read_jsonl
+    from loraflow.ml.models import load_quantized, load_tokenizer, prepare_base
+    from loraflow.ml.prompts import prompt_text, reference
     from tasks.quantize import quantize
-    from tasks.train import read_jsonl
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    base = quantize(cfg.base_model, cfg.quant, cache_dir)  # a one-time GGUF conversion, then the cache
+    base = quantize(
+        prepare_base(cfg.base_model, cache_dir), cfg.quant, cache_dir
+    )  # a one-time GGUF conversion, then the cache
     tok = load_tokenizer(base.path)
     model = load_quantized(base.path, cpu_repack=True)  # inference only, as in tasks/evaluate.py
     model.eval()
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     stage_match = None
     if demo is not None:
-        from tasks.evaluate import generate_answers, rouge_l
+        from loraflow.ml.scoring import generate_answers, rouge_l
 
         for r in runs:
             answers = [demo.tok.decode(o, skip_special_tokens=True).strip() for o in r.outputs]

@@ -28,10 +28,10 @@ if str(ROOT) not in sys.path:
 
 from bench.train_throughput import LINEAR, llama_config  # noqa: E402
 from loraflow.config import LoraConfig, QuantConfig  # noqa: E402
-from loraflow.loss import token_loss_sum  # noqa: E402
-from loraflow.memory import PROFILES  # noqa: E402
-from loraflow.models import bnb_config, disable_cpu_weight_repacking  # noqa: E402
-from tasks.train import prepare_for_training  # noqa: E402
+from loraflow.ml.loss import token_loss_sum  # noqa: E402
+from loraflow.ml.memory import PROFILES  # noqa: E402
+from loraflow.ml.models import bnb_config, disable_cpu_weight_repacking  # noqa: E402
+from loraflow.ml.training import prepare_for_training  # noqa: E402
 
 
 def build_in_4bit(shape: str, device: str) -> torch.nn.Module:

@@ -14,9 +14,9 @@ merges that adapter into that checkpoint on the CPU, in a fresh process of its o
 peak is clean:
 
   in-memory  what tasks/merge.py did before the streaming merge: the whole 4-bit model
-             dequantized to fp32 (loraflow.models.dequantize), peft's merge_and_unload, then
+             dequantized to fp32 (loraflow.ml.models.dequantize), peft's merge_and_unload, then
              .to(dtype).save_pretrained
-  stream     loraflow/streaming_merge.py: tensor by tensor, shards of at most --max-shard-gb
+  stream     loraflow/ml/merge.py: tensor by tensor, shards of at most --max-shard-gb
 
 Only the write path is timed (no logit check), so the figures isolate merging. It prints each
 merge's wall seconds (imports excluded), the child's peak resident memory and its resident memory
@@ -106,8 +106,8 @@ def child(mode: str, base: Path, adapter: Path, out: Path, dtype_name: str, max_
     import bitsandbytes  # noqa: F401  (imported before the clock starts, as every other library)
     import peft  # noqa: F401
 
-    from loraflow.models import DTYPES
-    from loraflow.streaming_merge import merge_in_memory, stream_merge
+    from loraflow.ml.merge import merge_in_memory, stream_merge
+    from loraflow.ml.models import DTYPES
 
     dtype = DTYPES[dtype_name]
     before = proc_status_gb("VmRSS")

@@ -42,11 +42,16 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from loraflow.config import PipelineConfig, load_config  # noqa: E402
-from loraflow.models import load_quantized, load_tokenizer  # noqa: E402
+from loraflow.ml.examples import encode_all, read_jsonl  # noqa: E402
+from loraflow.ml.models import (  # noqa: E402
+    load_quantized,
+    load_tokenizer,
+    prepare_base,  # noqa: E402
+)
+from loraflow.ml.scoring import score  # noqa: E402
+from loraflow.ml.training import fit, prepare_for_training  # noqa: E402
 from loraflow.records import QuantizedBase  # noqa: E402
-from tasks.evaluate import score  # noqa: E402
 from tasks.quantize import quantize  # noqa: E402
-from tasks.train import encode_all, fit, prepare_for_training, read_jsonl  # noqa: E402
 from tasks.validate import validate  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, overrides)
     # The demo's cache: the GGUF conversion and the 4-bit checkpoint are made once and reused.
     cache_dir = Path(os.environ.get("LORAFLOW_HOME", ".loraflow")) / "cache"
-    quantized = quantize(cfg.base_model, cfg.quant, cache_dir)
+    quantized = quantize(prepare_base(cfg.base_model, cache_dir), cfg.quant, cache_dir)
     with tempfile.TemporaryDirectory(prefix="qlora-parity-") as tmp:
         workdir = Path(tmp)
         data = validate(cfg.data, workdir, quantized.base.path, cfg.train.max_seq_length)

@@ -17,10 +17,10 @@ every layer on the same random token batches from the same seed:
             and `bf16` keep them in bf16, with and without checkpointing
   unsloth   FastLanguageModel with its offloaded checkpointing (`offload`), plain checkpointing
             (`ckpt`) or none (`none`)
-  loraflow  the train stage's own code (tasks/train.py `prepare_for_training`, loraflow/loss.py
+  loraflow  the train stage's own code (tasks/train.py `prepare_for_training`, loraflow/ml/loss.py
             `token_loss_sum`) in each memory profile (`fast`, `balanced`, `lean`), optionally
             with Liger's fused RMSNorm/SwiGLU/RoPE (`+liger`) or compiled decoder layers (`+compile`);
-            `+peft` keeps peft's own LoRA layers instead of loraflow/lora4bit.py's fused operator
+            `+peft` keeps peft's own LoRA layers instead of loraflow/ml/lora4bit.py's fused operator
             (the code before it), `+autocast` runs the step under torch.autocast(bf16);
             `+ungrouped` calls the operator once per projection (no q/k/v and gate/up groups),
             `+bnbops` dequantizes through bitsandbytes' operators instead of its kernels directly,
@@ -118,12 +118,12 @@ def build(shape: str, out: Path) -> Path:
 
 def load_4bit(path: Path):
     """Load a checkpoint through the stages' 4-bit path: quantize a full-precision one as the
-    quantize stage does, or load a saved 4-bit one as train does (``loraflow.models.load_quantized``)."""
+    quantize stage does, or load a saved 4-bit one as train does (``loraflow.ml.models.load_quantized``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from loraflow.config import QuantConfig
-    from loraflow.models import bnb_config, disable_cpu_weight_repacking, load_quantized
+    from loraflow.ml.models import bnb_config, disable_cpu_weight_repacking, load_quantized
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     if "quantization_config" in json.loads((path / "config.json").read_text()):
@@ -143,7 +143,7 @@ def build_4bit(shape: str, folder: Path) -> Path:
         _build_4bit(shape, folder, out)
     if not (out / "tokenizer.json").is_file():
         # Unsloth loads a tokenizer with the model; the batches are random ids, any tokenizer will do.
-        from loraflow.tiny import train_tokenizer
+        from loraflow.ml.tiny import train_tokenizer
 
         train_tokenizer(["a tokenizer for the benchmark's random batches"] * 4, 300).save_pretrained(out)
     return out
@@ -183,7 +183,7 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
     import torch
 
     from loraflow.config import LoraConfig
-    from tasks.train import peft_config
+    from loraflow.ml.training import peft_config
 
     lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=LINEAR)
     torch.manual_seed(0)  # the same LoRA init for every variant
@@ -219,11 +219,11 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
                 model.enable_input_require_grads()
         model = get_peft_model(model, peft_config(lora))
         return model, lambda b: model(**b).loss
-    from loraflow import lora4bit, memory
-    from loraflow.lora4bit import fuse_lora_4bit
-    from loraflow.loss import token_loss_sum
-    from loraflow.memory import PROFILES
-    from tasks.train import prepare_for_training
+    from loraflow.ml import lora4bit, memory
+    from loraflow.ml.lora4bit import fuse_lora_4bit
+    from loraflow.ml.loss import token_loss_sum
+    from loraflow.ml.memory import PROFILES
+    from loraflow.ml.training import prepare_for_training
 
     profile, *extras = mode.split("+")
     if "liger" in extras:
@@ -264,7 +264,7 @@ def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warm
     vocab = model.get_input_embeddings().weight.shape[0]
     device = model.get_input_embeddings().weight.device
     data = batches(vocab, batch, seq, warmup + steps)
-    if engine != "loraflow":  # the train stage takes host batches and moves them itself (loraflow/loss.py)
+    if engine != "loraflow":  # the train stage takes host batches and moves them itself (loraflow/ml/loss.py)
         data = [{k: v.to(device) for k, v in b.items()} for b in data]
     if cuda:
         torch.cuda.synchronize()

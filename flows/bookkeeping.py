@@ -6,10 +6,12 @@ import datetime as dt
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from loraflow import tags as T
 from loraflow.config import PipelineConfig
 from loraflow.errors import UsageError
 from loraflow.lineage import code_version
@@ -24,7 +26,7 @@ from loraflow.records import (
     ValidatedData,
 )
 from loraflow.reports import metrics_rows, summary_markdown
-from loraflow.tracking import FAILED_STAGE_TAG, FAILURE_TAG, MlflowTracker
+from loraflow.tracking import MlflowTracker
 
 
 def resolve_locations(config: PipelineConfig, home: str | None, tracking_uri: str | None) -> tuple[Path, str]:
@@ -44,28 +46,30 @@ def resolve_locations(config: PipelineConfig, home: str | None, tracking_uri: st
     return Path(home).resolve(), tracking_uri
 
 
-def start_parent_run(
-    config: PipelineConfig, home: Path, tracking_uri: str, flow_run_id: str
-) -> tuple[Path, MlflowTracker]:
+@dataclass(frozen=True)
+class ParentRun:
+    """A finetune flow run's home: its directory, its MLflow parent run and the lineage known at its start."""
+
+    run_dir: Path
+    tracker: MlflowTracker
+    flow_run_id: str
+    code_version: str
+    config_hash: str
+
+
+def start_parent_run(config: PipelineConfig, home: Path, tracking_uri: str, flow_run_id: str) -> ParentRun:
     """Create the run directory and the MLflow parent run, and record the config in both."""
     name = config.run_name or f"{config.registry.model_name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{flow_run_id[:8]}"
     run_dir = home / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=False)
     config_file = run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    parent = MlflowTracker.start(
-        tracking_uri,
-        config.tracking.experiment,
-        name,
-        tags={
-            "loraflow.flow_run_id": flow_run_id,
-            "loraflow.config_hash": config.config_hash(),
-            "loraflow.code_version": code_version(),
-        },
-    )
+    code, config_hash = code_version(), config.config_hash()
+    tags = {T.FLOW_RUN_ID: flow_run_id, T.CONFIG_HASH: config_hash, T.CODE_VERSION: code}
+    parent = MlflowTracker.start(tracking_uri, config.tracking.experiment, name, tags=tags)
     parent.log_params(config.model_dump(mode="json"))
     parent.log_artifact(config_file)
-    return run_dir, parent
+    return ParentRun(run_dir, parent, flow_run_id, code, config_hash)
 
 
 @contextmanager
@@ -82,8 +86,8 @@ def reporting_failure(parent: MlflowTracker) -> Iterator[None]:
         from prefect.artifacts import create_markdown_artifact
 
         tags = parent.client.get_run(parent.run_id).data.tags
-        stage = tags.get(FAILED_STAGE_TAG, "orchestration")
-        reason = tags.get(FAILURE_TAG, f"{type(e).__name__}: {e}")
+        stage = tags.get(T.FAILED_STAGE, "orchestration")
+        reason = tags.get(T.FAILURE, f"{type(e).__name__}: {e}")
         create_markdown_artifact(
             f"# finetune failed in stage `{stage}`\n\n```\n{reason}\n```\n\n"
             f"Nothing was registered. MLflow run: [{parent.run_id}]({parent.url})",
@@ -93,8 +97,8 @@ def reporting_failure(parent: MlflowTracker) -> Iterator[None]:
         raise
 
 
-def lineage_of(config: PipelineConfig, data: ValidatedData, base: QuantizedBase, parent: MlflowTracker) -> Lineage:
-    run = parent.client.get_run(parent.run_id)
+def lineage_of(run: ParentRun, data: ValidatedData, base: QuantizedBase) -> Lineage:
+    parent = run.tracker
     # The held-out split goes with the run: the promotion gate re-scores a champion on it.
     parent.log_artifact(data.eval_path, "data")
     return Lineage(
@@ -103,9 +107,9 @@ def lineage_of(config: PipelineConfig, data: ValidatedData, base: QuantizedBase,
         contract=data.contract,
         base_model=base.base.name,
         base_digest=base.base.digest,
-        config_hash=config.config_hash(),
-        code_version=run.data.tags["loraflow.code_version"],
-        flow_run_id=run.data.tags["loraflow.flow_run_id"],
+        config_hash=run.config_hash,
+        code_version=run.code_version,
+        flow_run_id=run.flow_run_id,
         mlflow_run_id=parent.run_id,
         eval_split=f"runs:/{parent.run_id}/data/{Path(data.eval_path).name}",
     )
@@ -115,16 +119,16 @@ def publish_summary(
     version: RegisteredVersion,
     evaluation: EvalReport,
     merged: MergedModel,
-    run_dir: Path,
-    parent: MlflowTracker,
+    run: ParentRun,
     promotion: PromotionResult | None = None,
 ) -> RunSummary:
     """Tag the parent run, publish Prefect artifacts that link to it, and return the run summary."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    parent, run_dir = run.tracker, run.run_dir
     metrics = parent.client.get_run(parent.run_id).data.metrics
     stage_seconds = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("stage_seconds/")}
-    parent.set_tags({"loraflow.registered_model": version.name, "loraflow.registered_version": version.version})
+    parent.set_tags({T.REGISTERED_MODEL: version.name, T.REGISTERED_VERSION: version.version})
     summary = RunSummary(
         version=version,
         evaluation=evaluation,
@@ -132,7 +136,7 @@ def publish_summary(
         promotion=promotion,
         run_dir=str(run_dir),
         mlflow_run_url=parent.url,
-        flow_run_id=parent.client.get_run(parent.run_id).data.tags["loraflow.flow_run_id"],
+        flow_run_id=run.flow_run_id,
         stage_seconds=stage_seconds,
     )
     summary.save(run_dir / "summary.json")

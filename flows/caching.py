@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 import loraflow
+from loraflow import tags as T
 from loraflow.records import Record, load_record
 from loraflow.tracking import MlflowTracker
 
@@ -44,6 +45,16 @@ def _reuse(stage: str, key: str, source: str):
     return Completed(name="Cached", message=f"{stage}: inputs unchanged (key {key[:12]}), reused {source}")
 
 
+def _cached(record_type: type[R], entry: Path) -> R | None:
+    """The cached record, or None when there is none or it was written by an older loraflow (a cache miss)."""
+    try:
+        return load_record(record_type, entry)
+    except FileNotFoundError:
+        return None
+    except ValueError:  # pydantic's ValidationError: another schema; the stage runs again and replaces it
+        return None
+
+
 def reuse_or_run(
     stage: str,
     key: str,
@@ -55,13 +66,12 @@ def reuse_or_run(
 ) -> R:
     """Return the cached record of ``stage`` for ``key`` if its files still exist, else run and cache it."""
     entry = cache_dir / "stages" / stage / f"{key}.json"
-    if entry.is_file():
-        record = load_record(record_type, entry)
-        if all(Path(p).exists() for p in paths(record)):
-            source = paths(record)[0] if paths(record) else str(entry)
-            _reuse.with_options(name=stage)(stage, key, source)
-            parent.set_tags({f"loraflow.cached.{stage}": source})
-            return record
+    record = _cached(record_type, entry)
+    if record is not None and all(Path(p).exists() for p in paths(record)):
+        source = paths(record)[0] if paths(record) else str(entry)
+        _reuse.with_options(name=stage)(stage, key, source)
+        parent.set_tags({T.cached(stage): source})
+        return record
     record = run()
     record.save(entry)
     return record

@@ -125,7 +125,7 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
     from prefect.client.orchestration import get_client
     from prefect.schedules import Cron
 
-    from loraflow.stack import ensure_process_pools
+    from loraflow.stack.services import ensure_process_pools
 
     config: PipelineConfig = load_config(default_config)
     with get_client(sync_client=True) as client:

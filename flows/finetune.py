@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from flows.bookkeeping import lineage_of, publish_summary, reporting_failure, resolve_locations, start_parent_run
 from flows.placement import train_on_pool
 from flows.promote import promote
-from flows.stages import evaluate_stage, merge_stage, quantize_stage, register_stage, validate_stage
+from flows.stages import base_model_stage, evaluate_stage, merge_stage, quantize_stage, register_stage, validate_stage
 from loraflow.config import PipelineConfig
 from loraflow.records import RunSummary
 
@@ -29,16 +29,17 @@ def finetune(config: PipelineConfig, home: str | None = None, tracking_uri: str 
         tracking_uri: MLflow server (default: config.tracking.uri, else the worker's MLFLOW_TRACKING_URI).
     """
     home, tracking_uri = resolve_locations(config, home, tracking_uri)
-    run_dir, parent = start_parent_run(config, home, tracking_uri, flow_run.get_id() or "local")
+    run = start_parent_run(config, home, tracking_uri, flow_run.get_id() or "local")
+    run_dir, parent, cache = run.run_dir, run.tracker, home / "cache"
     with reporting_failure(parent):
-        data = validate_stage(config, run_dir, home / "cache", parent)
-        base = quantize_stage(config, home / "cache", parent)
+        base_model = base_model_stage(config, cache)
+        data = validate_stage(config, base_model, run_dir, parent)
+        base = quantize_stage(config, base_model, cache, parent)
         adapter = train_on_pool(config, base, data, run_dir, parent)
         evaluation = evaluate_stage(config, base, adapter, data, run_dir, parent)
         merged = merge_stage(config, base, adapter, data, run_dir, parent)
-        lineage = lineage_of(config, data, base, parent)
-        version = register_stage(config, base, adapter, evaluation, merged, lineage, parent)
+        version = register_stage(config, base, adapter, evaluation, merged, lineage_of(run, data, base), parent)
         promotion = (
             promote(version.name, version.version, tracking_uri, config.promotion) if config.promotion.enabled else None
         )
-        return publish_summary(version, evaluation, merged, run_dir, parent, promotion)
+        return publish_summary(version, evaluation, merged, run, promotion)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.caching import cache_dir_of, cache_key, reuse_or_run
+from loraflow import tags as T
 from loraflow.config import PipelineConfig
 from loraflow.errors import StageError
 from loraflow.records import Adapter, QuantizedBase, ValidatedData, load_record
-from loraflow.tracking import FAILED_STAGE_TAG, MlflowTracker
+from loraflow.tracking import MlflowTracker
 
 
 def train_on_pool(
@@ -51,7 +52,7 @@ def _dispatch(
     run = run_deployment(orchestration.train_deployment, parameters=jsonable, timeout=orchestration.train_timeout_s)
     state = run.state
     if state is None or not state.is_completed():
-        parent.set_tags({FAILED_STAGE_TAG: "train"})
+        parent.set_tags({T.FAILED_STAGE: "train"})
         state_name = state.name if state else "unknown"
         raise StageError(
             f"the train flow run '{run.name}' ({run.id}) on deployment '{orchestration.train_deployment}' ended "

@@ -4,7 +4,7 @@
     loraflow rollback NAME [--reason TEXT]                        #   when promotion.enabled is set
     loraflow history NAME [--at DATE] [--version N] [--json] [--report out.html]
 
-The rules and the race-safe alias moves live in loraflow/registry.py; this module places them:
+The rules and the race-safe alias moves live in loraflow/registry/ (gate.py, moves.py); this module places them:
 the gate (which may re-score the champion, CPU/GPU work) runs outside the model's lock, the move
 inside it. Each move records this flow run's id in the audit ledger.
 """
@@ -17,9 +17,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from loraflow import registry
 from loraflow.config import PromotionConfig
 from loraflow.records import PromotionResult
+from loraflow.registry import gate, moves
+from loraflow.registry.versions import VersionInfo
 
 
 def _client(tracking_uri: str):
@@ -29,21 +30,21 @@ def _client(tracking_uri: str):
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate_task(tracking_uri: str, name: str, version: str, rules: PromotionConfig) -> registry.Assessment:
-    def rescore(champion: registry.VersionInfo, split_uri: str, eval_cfg, max_length: int) -> dict[str, float]:
+def gate_task(tracking_uri: str, name: str, version: str, rules: PromotionConfig) -> gate.Assessment:
+    def rescore(champion: VersionInfo, split_uri: str, eval_cfg, max_length: int) -> dict[str, float]:
         from tasks.reevaluate import score_version  # torch and peft: imported only when re-scoring is needed
 
         print(f"re-scoring champion {champion.uri} on the candidate's held-out split {split_uri}")
         return score_version(tracking_uri, champion.uri, split_uri, eval_cfg, max_length)
 
-    return registry.assess(_client(tracking_uri), name, version, rules, rescore)
+    return gate.assess(_client(tracking_uri), name, version, rules, rescore)
 
 
 @task(name="move-aliases", cache_policy=NO_CACHE)
 def commit_task(
-    tracking_uri: str, assessment: registry.Assessment, actor: str, reason: str, force: bool
+    tracking_uri: str, assessment: gate.Assessment, actor: str, reason: str, force: bool
 ) -> PromotionResult:
-    return registry.commit(
+    return moves.commit(
         _client(tracking_uri), assessment, actor=actor, reason=reason, force=force, flow_run_id=flow_run.get_id()
     )
 
@@ -63,7 +64,7 @@ def promote(
 @flow(name="rollback", log_prints=True)
 def rollback(name: str, tracking_uri: str, rules: PromotionConfig, reason: str = "") -> PromotionResult:
     """Point `champion` back at `previous-champion`, audited."""
-    result = registry.rollback(
+    result = moves.rollback(
         _client(tracking_uri),
         name,
         actor=rules.identity or getpass.getuser(),

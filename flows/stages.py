@@ -13,19 +13,33 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.caching import cache_dir_of, cache_key, reuse_or_run
 from loraflow.config import PipelineConfig
-from loraflow.hashing import sha256_dir
-from loraflow.records import Adapter, EvalReport, Lineage, MergedModel, QuantizedBase, RegisteredVersion, ValidatedData
+from loraflow.records import (
+    Adapter,
+    BaseModelRef,
+    EvalReport,
+    Lineage,
+    MergedModel,
+    QuantizedBase,
+    RegisteredVersion,
+    ValidatedData,
+)
 from loraflow.tracking import MlflowTracker, stage_run
 
 
+@task(name="base-model", cache_policy=NO_CACHE)
+def base_model_stage(config: PipelineConfig, cache_dir: Path) -> BaseModelRef:
+    """The base model as a local Hugging Face folder with its digest (a GGUF file is converted once)."""
+    from loraflow.ml.models import prepare_base
+
+    return prepare_base(config.base_model, cache_dir)
+
+
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_stage(config: PipelineConfig, run_dir: Path, cache_dir: Path, parent: MlflowTracker) -> ValidatedData:
-    from loraflow.models import prepare_base
+def validate_stage(config: PipelineConfig, base: BaseModelRef, run_dir: Path, parent: MlflowTracker) -> ValidatedData:
     from tasks.validate import validate
 
     with stage_run(parent, "validate") as tracker:
-        # Example lengths are counted with the run's own tokenizer (cheap: quantize reuses this).
-        base = prepare_base(config.base_model, cache_dir)
+        # Example lengths are counted with the run's own tokenizer.
         try:
             data = validate(config.data, run_dir, base.path, config.train.max_seq_length)
         finally:  # the reports explain a violation: keep them with the run either way
@@ -41,7 +55,7 @@ def _publish_validation(folder: Path, parent: MlflowTracker, tracker: MlflowTrac
 
     from prefect.artifacts import create_markdown_artifact
 
-    from loraflow.datareport import markdown
+    from loraflow.data.report import markdown
 
     for name in ("validation_report.json", "validation_report.html", "quarantine.jsonl"):
         if (folder / name).is_file():
@@ -66,11 +80,11 @@ def _publish_validation(folder: Path, parent: MlflowTracker, tracker: MlflowTrac
 
 
 @task(name="quantize", cache_policy=NO_CACHE)
-def quantize_stage(config: PipelineConfig, cache_dir: Path, parent: MlflowTracker) -> QuantizedBase:
+def quantize_stage(config: PipelineConfig, base: BaseModelRef, cache_dir: Path, parent: MlflowTracker) -> QuantizedBase:
     from tasks.quantize import quantize
 
     with stage_run(parent, "quantize") as tracker:
-        return quantize(config.base_model, config.quant, cache_dir, tracker)
+        return quantize(base, config.quant, cache_dir, tracker)
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -96,7 +110,7 @@ def evaluate_stage(
 ) -> EvalReport:
     key = cache_key(
         "evaluate",
-        sha256_dir(Path(adapter.path)),
+        adapter.digest,
         data.digest,
         base.base.digest,
         base.quant_hash,
@@ -139,9 +153,7 @@ def merge_stage(
     run_dir: Path,
     parent: MlflowTracker,
 ) -> MergedModel:
-    key = cache_key(
-        "merge", sha256_dir(Path(adapter.path)), data.digest, base.base.digest, base.quant_hash, config.merge
-    )
+    key = cache_key("merge", adapter.digest, data.digest, base.base.digest, base.quant_hash, config.merge)
     return reuse_or_run(
         "merge",
         key,

@@ -143,7 +143,7 @@ class TrainConfig(_Section):
         "balanced",
         description="Activation memory: 'fast' keeps all activations; 'balanced' recomputes each decoder "
         "layer in the backward pass; 'lean' also keeps the layer inputs in host memory until then "
-        "(loraflow/memory.py; peaks and tokens/s in docs/benchmarks.md).",
+        "(loraflow/ml/memory.py; peaks and tokens/s in docs/benchmarks.md).",
     )
     compile: CompileMode = Field(
         "auto",
@@ -253,7 +253,7 @@ class PromotionConfig(_Section):
         description="Per metric, how much better than the champion the candidate must be (absolute units).",
     )
     max_regression: dict[GateMetric, float] = Field(
-        {"rouge_l": 0.02}, description="Per metric, how much worse than the champion the candidate may be."
+        {"rouge_l": 0.02}, description="Per metric, how much worse than the champion the candidate may be (absent: 0)."
     )
     thresholds: dict[GateMetric, float] = Field(
         {},

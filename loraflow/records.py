@@ -12,6 +12,8 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraflow import tags as T
+
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -78,6 +80,7 @@ class Adapter(Record):
     """A trained LoRA adapter in standard PEFT format."""
 
     path: str = Field(description="Adapter directory (adapter_config.json + adapter_model.safetensors).")
+    digest: str = Field(description="sha256 over the adapter folder's files (keys the evaluate and merge caches).")
     steps: int
     epochs: float
     train_examples: int
@@ -133,16 +136,16 @@ class Lineage(Record):
 
     def as_tags(self) -> dict[str, str]:
         return {
-            "loraflow.data_digest": self.data_digest,
-            "loraflow.data_source": self.data_source,
-            "loraflow.contract": self.contract,
-            "loraflow.base_model": self.base_model,
-            "loraflow.base_digest": self.base_digest,
-            "loraflow.config_hash": self.config_hash,
-            "loraflow.code_version": self.code_version,
-            "loraflow.flow_run_id": self.flow_run_id,
-            "loraflow.mlflow_run_id": self.mlflow_run_id,
-            "loraflow.eval_split": self.eval_split,
+            T.DATA_DIGEST: self.data_digest,
+            T.DATA_SOURCE: self.data_source,
+            T.CONTRACT: self.contract,
+            T.BASE_MODEL: self.base_model,
+            T.BASE_DIGEST: self.base_digest,
+            T.CONFIG_HASH: self.config_hash,
+            T.CODE_VERSION: self.code_version,
+            T.FLOW_RUN_ID: self.flow_run_id,
+            T.MLFLOW_RUN_ID: self.mlflow_run_id,
+            T.EVAL_SPLIT: self.eval_split,
         }
 
 

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from loraflow import tags as T
+
 
 class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -39,8 +41,6 @@ class NullTracker:
 
 
 NULL_TRACKER = NullTracker()
-FAILED_STAGE_TAG = "loraflow.failed_stage"
-FAILURE_TAG = "loraflow.failure"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -148,7 +148,7 @@ def stage_run(parent: MlflowTracker, stage: str) -> Iterator[MlflowTracker]:
         yield child
     except BaseException as e:
         child.end("FAILED")
-        parent.set_tags({FAILED_STAGE_TAG: stage, FAILURE_TAG: f"{type(e).__name__}: {e}"[:4000]})
+        parent.set_tags({T.FAILED_STAGE: stage, T.FAILURE: f"{type(e).__name__}: {e}"[:4000]})
         raise
     seconds = time.perf_counter() - start
     child.log_metrics({"seconds": seconds})

@@ -15,17 +15,16 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from loraflow.config import BaseModelConfig, QuantConfig
-from loraflow.models import (
+from loraflow.config import QuantConfig
+from loraflow.ml.models import (
     DTYPES,
     bnb_config,
     checkpoint_bytes,
     default_device,
     load_tokenizer,
     model_bytes,
-    prepare_base,
 )
-from loraflow.records import QuantizedBase, load_record
+from loraflow.records import BaseModelRef, QuantizedBase, load_record
 from loraflow.tracking import NULL_TRACKER, Tracker
 
 RECORD = "quantized.json"
@@ -35,12 +34,10 @@ def quant_hash(q: QuantConfig) -> str:
     return hashlib.sha256(json.dumps(q.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def quantize(
-    base_cfg: BaseModelConfig, q: QuantConfig, cache_dir: Path, tracker: Tracker = NULL_TRACKER
-) -> QuantizedBase:
-    """Quantize the base model to 4 bits and save it, or reuse the cached checkpoint."""
+def quantize(base: BaseModelRef, q: QuantConfig, cache_dir: Path, tracker: Tracker = NULL_TRACKER) -> QuantizedBase:
+    """Quantize the base model (from :func:`loraflow.ml.models.prepare_base`) to 4 bits and save it, or reuse the
+    cached checkpoint."""
     start = time.perf_counter()
-    base = prepare_base(base_cfg, cache_dir)
     qh = quant_hash(q)
     out = cache_dir / "quantized" / f"{base.digest[:16]}-{qh[:8]}"
     if (out / RECORD).is_file():

@@ -16,9 +16,9 @@ from peft import PeftModel
 
 from loraflow.config import EvalConfig
 from loraflow.errors import StageError
-from loraflow.models import load_quantized, load_tokenizer
-from tasks.evaluate import score
-from tasks.train import read_jsonl
+from loraflow.ml.examples import read_jsonl
+from loraflow.ml.models import load_quantized, load_tokenizer
+from loraflow.ml.scoring import score
 
 
 def score_version(

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraflow import tags as T
 from loraflow.config import RegisterConfig
 from loraflow.records import Adapter, EvalReport, Lineage, MergedModel, QuantizedBase, RegisteredVersion
-from loraflow.registry import MANAGED_TAG
 
 # What a serving environment needs to load the pyfunc (the loraflow package itself included).
 PIP_REQUIREMENTS = [
@@ -34,7 +34,7 @@ def register(
     lineage: Lineage,
     cfg: RegisterConfig,
     tracking_uri: str,
-    max_new_tokens: int = 64,
+    max_new_tokens: int,
 ) -> RegisteredVersion:
     """Log the adapter as a pyfunc model into ``lineage.mlflow_run_id`` and register it."""
     import mlflow
@@ -42,7 +42,7 @@ def register(
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from loraflow.serving import AdapterModel
+    from loraflow.registry.serving import AdapterModel
 
     client = MlflowClient(tracking_uri=tracking_uri)
     _ensure_registered_model(client, cfg.model_name)
@@ -69,13 +69,13 @@ def register(
         )
     tags = {
         **lineage.as_tags(),
-        "loraflow.merged_path": merged.path,
-        "loraflow.merge_max_abs_logit_diff": f"{merged.max_abs_logit_diff:.6g}",
-        "loraflow.merge_tolerance": f"{merged.tolerance:.6g}",
-        "loraflow.eval_loss": f"{evaluation.finetuned.loss:.6g}",
-        "loraflow.eval_rouge_l": f"{evaluation.finetuned.rouge_l:.6g}",
-        "loraflow.base_eval_loss": f"{evaluation.base.loss:.6g}",
-        "loraflow.base_eval_rouge_l": f"{evaluation.base.rouge_l:.6g}",
+        T.MERGED_PATH: merged.path,
+        T.MERGE_MAX_ABS_LOGIT_DIFF: f"{merged.max_abs_logit_diff:.6g}",
+        T.MERGE_TOLERANCE: f"{merged.tolerance:.6g}",
+        T.EVAL_LOSS: f"{evaluation.finetuned.loss:.6g}",
+        T.EVAL_ROUGE_L: f"{evaluation.finetuned.rouge_l:.6g}",
+        T.BASE_EVAL_LOSS: f"{evaluation.base.loss:.6g}",
+        T.BASE_EVAL_ROUGE_L: f"{evaluation.base.rouge_l:.6g}",
     }
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
     try:
@@ -99,7 +99,7 @@ def _ensure_registered_model(client, name: str) -> None:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(
-            name, tags={MANAGED_TAG: "true"}, description="QLoRA adapters trained and registered by loraflow."
+            name, tags={T.MANAGED: "true"}, description="QLoRA adapters trained and registered by loraflow."
         )
 
 

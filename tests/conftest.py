@@ -44,7 +44,8 @@ def _local_stack_ports() -> tuple[int, int]:
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
     """StackSettings of a running local stack; stopped with down() at the end of the session."""
-    from loraflow.stack import StackSettings, down, up
+    from loraflow.stack.services import down, up
+    from loraflow.stack.settings import StackSettings
 
     prefect_port, mlflow_port = _local_stack_ports()
     s = StackSettings(
@@ -71,6 +72,8 @@ from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+from loraflow.config import LoraConfig  # noqa: E402
 
 TINY_NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal"]
 
@@ -137,7 +140,7 @@ def make_validated_data(folder: Path, train_rows: list[dict], eval_rows: list[di
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Directory of a saved tiny full-precision Llama and its tokenizer (no chat template)."""
-    from loraflow.tiny import build_tiny_llama
+    from loraflow.ml.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-model") / "model", tiny_corpus(), hidden=64, layers=2)
 
@@ -151,10 +154,15 @@ def tiny_cache_dir(tmp_path_factory) -> Path:
 def tiny_quantized(tiny_model_dir, tiny_cache_dir):
     """QuantizedBase of the tiny model (NF4 + double quant, bf16 compute), quantized once per session."""
     from loraflow.config import BaseModelConfig, QuantConfig
+    from loraflow.ml.models import prepare_base
     from tasks.quantize import quantize
 
     with torch_threads(1):
-        return quantize(BaseModelConfig(name="tiny-llama", path=str(tiny_model_dir)), QuantConfig(), tiny_cache_dir)
+        return quantize(
+            prepare_base(BaseModelConfig(name="tiny-llama", path=str(tiny_model_dir)), tiny_cache_dir),
+            QuantConfig(),
+            tiny_cache_dir,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -162,6 +170,37 @@ def tiny_data(tmp_path_factory):
     """ValidatedData: 16 training rows (the eight records twice) and 4 held-out rows."""
     records = tiny_records()
     return make_validated_data(tmp_path_factory.mktemp("tiny-data"), records * 2, records[:4])
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_quantized):
+    from loraflow.ml.models import load_tokenizer
+
+    return load_tokenizer(tiny_quantized.path)
+
+
+# Dropout off so that a saved adapter reproduces the losses seen during training exactly.
+LORA = LoraConfig(dropout=0.0)
+PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def linear4bit(model):
+    """name -> bitsandbytes Linear4bit layer of a model."""
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def records_batch(tok, n: int = 4):
+    """The first n tiny records encoded and collated as training sees them."""
+    from loraflow.ml.batching import collate
+    from loraflow.ml.examples import encode_all
+
+    return collate(encode_all(tok, tiny_records()[:n], 64), tok.pad_token_id)
+
+
+def model_inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 # --- end tiny model fixtures ---

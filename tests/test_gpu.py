@@ -15,13 +15,17 @@ def test_quantize_train_evaluate_merge_on_cuda(tiny_model_dir, tiny_data, tmp_pa
     import torch
 
     from loraflow.config import BaseModelConfig, EvalConfig, LoraConfig, MergeConfig, QuantConfig, TrainConfig
-    from loraflow.models import load_quantized
+    from loraflow.ml.models import load_quantized, prepare_base
     from tasks.evaluate import evaluate
     from tasks.merge import merge
     from tasks.quantize import quantize
     from tasks.train import train
 
-    base = quantize(BaseModelConfig(name="tiny", path=str(tiny_model_dir)), QuantConfig(), tmp_path / "cache")
+    base = quantize(
+        prepare_base(BaseModelConfig(name="tiny", path=str(tiny_model_dir)), tmp_path / "cache"),
+        QuantConfig(),
+        tmp_path / "cache",
+    )
     model = load_quantized(base.path)
     layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert layer.weight.device.type == "cuda"
@@ -48,10 +52,15 @@ def test_memory_profiles_and_compile_give_the_same_curve_on_cuda(tiny_model_dir,
     import json
 
     from loraflow.config import BaseModelConfig, LoraConfig, QuantConfig, TrainConfig
+    from loraflow.ml.models import prepare_base
     from tasks.quantize import quantize
     from tasks.train import train
 
-    base = quantize(BaseModelConfig(name="tiny", path=str(tiny_model_dir)), QuantConfig(), tmp_path / "cache")
+    base = quantize(
+        prepare_base(BaseModelConfig(name="tiny", path=str(tiny_model_dir)), tmp_path / "cache"),
+        QuantConfig(),
+        tmp_path / "cache",
+    )
     cfg = TrainConfig(max_steps=6, learning_rate=5e-3, batch_size=4, memory_profile="fast", compile="off")
 
     def curve(c: TrainConfig, name: str) -> list[float]:
@@ -64,9 +73,9 @@ def test_memory_profiles_and_compile_give_the_same_curve_on_cuda(tiny_model_dir,
 
 
 def test_fused_lora_layers_compute_what_peft_computes_on_cuda(tiny_quantized):
-    """The fused LoRA-on-4-bit operator (loraflow/lora4bit.py) on the CUDA kernels of bitsandbytes:
+    """The fused LoRA-on-4-bit operator (loraflow/ml/lora4bit.py) on the CUDA kernels of bitsandbytes:
     peft's loss and gradients, the model computing in fp32."""
-    from tests.test_stages import fused_vs_peft
+    from tests.ml.test_lora4bit import fused_vs_peft
 
     fused, group_sizes, ref_loss, loss, errors = fused_vs_peft(tiny_quantized.path, "cuda:0")
     assert fused == 2 * 7
@@ -79,12 +88,12 @@ def test_fused_lora_layers_compute_what_peft_computes_on_cuda(tiny_quantized):
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
 def test_fused_operator_dequantizes_bit_for_bit_like_bitsandbytes(nested, dtype_name):
     """On training-sized inputs the operator calls bitsandbytes' dequantization kernels directly
-    (loraflow/lora4bit.py, _Quant): its base product and its dequantized weight must be exactly
+    (loraflow/ml/lora4bit.py, _Quant): its base product and its dequantized weight must be exactly
     those of bitsandbytes' own Linear4bit forward and dequantize_4bit."""
     import bitsandbytes as bnb
     import torch
 
-    from loraflow.lora4bit import _GEMM_4BIT_MAX_ROWS, _operator_inputs, _Quant
+    from loraflow.ml.lora4bit import _GEMM_4BIT_MAX_ROWS, _operator_inputs, _Quant
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)

@@ -1,0 +1,200 @@
+"""The local stack behind `loraflow up` / `down` / `status`: a Prefect server, an MLflow server and
+a Prefect worker on the GPU work pool, all on 127.0.0.1 with their state under one home folder.
+With the `postgres` backend a fourth service, a private PostgreSQL server, holds both servers'
+databases instead of SQLite files.
+
+    home/stack.json         the backend this home was created with ("sqlite" or "postgres"); fixed
+    home/prefect/           PREFECT_HOME of the server and the worker (SQLite prefect.db)
+    home/mlflow/            mlflow.db and artifacts/ (artifacts stay files with either backend)
+    home/postgres/data/     PGDATA (postgres backend; owned by the OS user `postgres` when run as root)
+    home/postgres/password  the database role's password (mode 0600)
+    home/logs/<name>.log    each service's stdout + stderr (the previous run's kept as .log.1)
+    home/run/<name>.pid     JSON: pid, process start time and argv, so that a recycled pid is never
+                            taken for ours
+
+Nothing here changes this process's environment: each service gets its environment explicitly,
+and clients get theirs from `client_env`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from loraflow.errors import StackError, UsageError
+
+PREFECT = "prefect"
+MLFLOW = "mlflow"
+WORKER = "worker"  # the gpu pool's worker (training)
+CPU_WORKER = "worker-cpu"  # the cpu pool's worker (finetune flows started from the UI or a schedule)
+POSTGRES = "postgres"
+SERVICES = (PREFECT, MLFLOW, WORKER, CPU_WORKER)  # the sqlite backend's; the postgres backend starts POSTGRES first
+
+Backend = Literal["sqlite", "postgres"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+# One database per server, both owned by one role.
+DATABASES = (PREFECT, MLFLOW)
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """Where the local stack keeps its state and which ports it listens on."""
+
+    home: Path  # all state: databases, artifacts, logs, pidfiles
+    host: str = "127.0.0.1"  # the servers listen here only
+    prefect_port: int = 4200  # Prefect API + UI
+    mlflow_port: int = 5000  # MLflow tracking + registry + artifact proxy
+    pool: str = "gpu"  # the process work pool (concurrency 1) that the training worker serves
+    cpu_pool: str = "cpu"  # the process work pool of the orchestrating flows (no concurrency limit)
+    backend: Backend = "sqlite"  # where Prefect and MLflow keep their databases; fixed per home
+    postgres_port: int = 5432  # the private PostgreSQL server (postgres backend only)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], backend: Backend | None = None) -> StackSettings:
+        """Read LORAFLOW_HOME (default ./.loraflow) and LORAFLOW_{PREFECT,MLFLOW,POSTGRES}_PORT.
+
+        The backend is the one recorded in the home; ``backend`` (from `up --backend`) picks it for
+        a new home and must match the recorded one otherwise (UsageError).
+        """
+        home = Path(environ.get("LORAFLOW_HOME") or ".loraflow").expanduser().resolve()
+        ports = {}
+        problems = []
+        for var, default in (
+            ("LORAFLOW_PREFECT_PORT", cls.prefect_port),
+            ("LORAFLOW_MLFLOW_PORT", cls.mlflow_port),
+            ("LORAFLOW_POSTGRES_PORT", cls.postgres_port),
+        ):
+            raw = environ.get(var) or str(default)
+            if not raw.isdigit() or not 0 < int(raw) < 65536:
+                problems.append(f"{var}={raw!r} is not a TCP port (1-65535)")
+            else:
+                ports[var] = int(raw)
+        if problems:
+            raise UsageError("; ".join(problems))
+        recorded = recorded_backend(home)
+        check_backend(home, recorded, backend)
+        return cls(
+            home=home,
+            prefect_port=ports["LORAFLOW_PREFECT_PORT"],
+            mlflow_port=ports["LORAFLOW_MLFLOW_PORT"],
+            backend=backend or recorded or "sqlite",
+            postgres_port=ports["LORAFLOW_POSTGRES_PORT"],
+        )
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """This backend's services in start order."""
+        return (POSTGRES, *SERVICES) if self.backend == "postgres" else SERVICES
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.home / "postgres"
+
+    @property
+    def pgdata(self) -> Path:
+        return self.postgres_dir / "data"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    def log_path(self, service: str) -> Path:
+        return self.home / "logs" / f"{service}.log"
+
+    def pid_path(self, service: str) -> Path:
+        return self.home / "run" / f"{service}.pid"
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One service as `status` sees it; pid is None when no process of ours is running."""
+
+    name: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    url: str
+    log: Path
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    """The state of every service of the stack, in start order."""
+
+    services: tuple[ServiceStatus, ...]
+
+    @property
+    def all_healthy(self) -> bool:
+        return all(s.healthy for s in self.services)
+
+    def __getitem__(self, name: str) -> ServiceStatus:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def format(self) -> str:
+        """A small table for the terminal."""
+        rows = [("SERVICE", "PID", "STATE", "URL", "LOG")]
+        for s in self.services:
+            state = "healthy" if s.healthy else ("unhealthy" if s.running else "stopped")
+            rows.append((s.name, str(s.pid or "-"), state, s.url, str(s.log)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows)
+        return "\n".join(lines)
+
+
+def client_env(s: StackSettings) -> dict[str, str]:
+    """The environment variables a client process needs to use this stack."""
+    return {"PREFECT_API_URL": s.prefect_api_url, "MLFLOW_TRACKING_URI": s.mlflow_url, "LORAFLOW_HOME": str(s.home)}
+
+
+# --- backend ------------------------------------------------------------------------------------
+
+
+def record_path(home: Path) -> Path:
+    return home / "stack.json"
+
+
+def recorded_backend(home: Path) -> Backend | None:
+    """The backend the stack under ``home`` was created with, or None for a new home."""
+    path = record_path(home)
+    try:
+        backend = json.loads(path.read_text())["backend"]
+    except FileNotFoundError:
+        # A home from before the backend was recorded holds SQLite databases.
+        legacy = (home / "prefect" / "prefect.db").exists() or (home / "mlflow" / "mlflow.db").exists()
+        return "sqlite" if legacy else None
+    except (ValueError, KeyError, TypeError) as e:
+        raise StackError(f'{path} is damaged ({e}); it should read {{"backend": "sqlite"}} or "postgres".') from e
+    if backend not in BACKENDS:
+        raise StackError(f"{path} names backend {backend!r}; loraflow knows {', '.join(BACKENDS)}.")
+    return backend
+
+
+def check_backend(home: Path, recorded: Backend | None, requested: Backend | None) -> None:
+    if recorded is not None and requested is not None and requested != recorded:
+        raise UsageError(
+            f"LORAFLOW_HOME {home} holds a stack with the {recorded} backend (its Prefect and MLflow databases "
+            f"live there), so it cannot run with --backend {requested}. Leave --backend out (or pass "
+            f"--backend {recorded}) to use this home, or set LORAFLOW_HOME to another folder for a {requested} stack."
+        )
