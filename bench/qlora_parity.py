@@ -108,7 +108,11 @@ def run_variant(
         torch.manual_seed(cfg.train.seed)
         model = prepare_for_training(load(quantized, True), cfg.lora, cfg.train.memory_profile)
         start = time.perf_counter()
-        result = fit(model, examples, tok.pad_token_id, cfg.train, run_dir, progress=progress)
+
+        def on_step(s) -> None:
+            print(f"  {name} step {s.step}/{s.steps} loss {s.loss:.4f}", flush=True)
+
+        result = fit(model, examples, tok.pad_token_id, cfg.train, on_step=on_step if progress else None)
         train_s = time.perf_counter() - start
     model.save_pretrained(run_dir / "adapter")
     del model
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-rows", type=int, help="score only the first N held-out rows (default: all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     ap.add_argument("--json", type=Path, help="write the results here too")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar while training")
+    ap.add_argument("--no-progress", action="store_true", help="no per-step lines while training")
     args = ap.parse_args(argv)
     if "qlora-nf4" not in args.variants:
         ap.error("--variants must include qlora-nf4: the gaps are measured against it")

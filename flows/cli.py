@@ -30,6 +30,7 @@ BACKEND_HELP = (
     "databases of the Prefect and MLflow servers for a new LORAFLOW_HOME: sqlite files (default) or a private "
     "PostgreSQL server (needs Debian's postgresql package); fixed once the home exists"
 )
+FRESH_HELP = "train from scratch: drop this config's checkpoints and cached adapter instead of resuming from them"
 
 # Offline and quiet by default: the Hub is unreachable, and telemetry has nowhere to go.
 QUIET_ENV = {
@@ -88,14 +89,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _run(Path(args.config), args.set or [], start_stack=False)
+    return _run(Path(args.config), args.set or [], start_stack=False, fresh=args.fresh)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _run(DEMO_CONFIG, args.set or [], start_stack=True, backend=args.backend)
+    return _run(DEMO_CONFIG, args.set or [], start_stack=True, backend=args.backend, fresh=args.fresh)
 
 
-def _run(config_path: Path, overrides: list[str], start_stack: bool, backend: str | None = None) -> int:
+def _run(
+    config_path: Path, overrides: list[str], start_stack: bool, backend: str | None = None, fresh: bool = False
+) -> int:
     from loraflow.config import load_config
     from loraflow.stack.services import status, up
 
@@ -115,7 +118,7 @@ def _run(config_path: Path, overrides: list[str], start_stack: bool, backend: st
     from flows.finetune import finetune
 
     tracking_uri = config.tracking.uri or settings.mlflow_url
-    summary = finetune(config=config, home=str(settings.home), tracking_uri=tracking_uri)
+    summary = finetune(config=config, home=str(settings.home), tracking_uri=tracking_uri, fresh=fresh)
     _print_summary(summary, settings)
     return 0
 
@@ -319,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY.PATH=VALUE",
         help="override a config value (repeatable), e.g. train.max_steps=20",
     )
+    run.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     run.set_defaults(fn=cmd_run)
 
     demo = sub.add_parser("demo", help="start the stack if needed and run configs/demo.yaml end to end")
@@ -326,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY.PATH=VALUE", help="override a demo config value (repeatable)"
     )
     demo.add_argument("--backend", choices=["sqlite", "postgres"], help=BACKEND_HELP)
+    demo.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     demo.set_defaults(fn=cmd_demo)
 
     val = sub.add_parser(

@@ -20,13 +20,16 @@ from loraflow.records import RunSummary
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(config: PipelineConfig, home: str | None = None, tracking_uri: str | None = None) -> RunSummary:
+def finetune(
+    config: PipelineConfig, home: str | None = None, tracking_uri: str | None = None, fresh: bool = False
+) -> RunSummary:
     """Fine-tune the base model on the dataset and register the adapter as a candidate.
 
     Args:
         config: the whole run configuration (the Prefect UI renders it as a form).
         home: LORAFLOW_HOME holding caches and run folders (default: the worker's LORAFLOW_HOME).
         tracking_uri: MLflow server (default: config.tracking.uri, else the worker's MLFLOW_TRACKING_URI).
+        fresh: train from scratch: drop this config's checkpoints and cached adapter instead of resuming.
     """
     home, tracking_uri = resolve_locations(config, home, tracking_uri)
     run = start_parent_run(config, home, tracking_uri, flow_run.get_id() or "local")
@@ -35,7 +38,7 @@ def finetune(config: PipelineConfig, home: str | None = None, tracking_uri: str 
         base_model = base_model_stage(config, cache)
         data = validate_stage(config, base_model, run_dir, parent)
         base = quantize_stage(config, base_model, cache, parent)
-        adapter = train_on_pool(config, base, data, run_dir, parent)
+        adapter = train_on_pool(config, base, data, run_dir, parent, fresh)
         evaluation = evaluate_stage(config, base, adapter, data, run_dir, parent)
         merged = merge_stage(config, base, adapter, data, run_dir, parent)
         version = register_stage(config, base, adapter, evaluation, merged, lineage_of(run, data, base), parent)

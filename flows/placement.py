@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from flows.caching import cache_dir_of, cache_key, reuse_or_run
@@ -13,24 +14,45 @@ from loraflow.tracking import MlflowTracker
 
 
 def train_on_pool(
-    config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker
+    config: PipelineConfig,
+    base: QuantizedBase,
+    data: ValidatedData,
+    run_dir: Path,
+    parent: MlflowTracker,
+    fresh: bool = False,
 ) -> Adapter:
-    """Run the train flow where the config places it (or reuse an unchanged adapter) and return the adapter."""
+    """Run the train flow where the config places it (or reuse an unchanged adapter) and return the adapter.
+
+    Its checkpoints live under ``<LORAFLOW_HOME>/cache/train/<key>/``, keyed like the adapter cache, so
+    a retried attempt and a later run of the same config both resume from them; ``fresh`` removes
+    them and ignores a cached adapter.
+    """
     data_settings = config.data.model_dump(mode="json", exclude={"path", "allowed_roots"})
-    key = cache_key("train", data.digest, data_settings, base.base.digest, base.quant_hash, config.lora, config.train)
+    identity = config.train.identity()
+    key = cache_key("train", data.digest, data_settings, base.base.digest, base.quant_hash, config.lora, identity)
+    cache = cache_dir_of(run_dir)
+    checkpoints = cache / "train" / key[:16] / "checkpoints"
+    if fresh:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        (cache / "stages" / "train" / f"{key}.json").unlink(missing_ok=True)
     return reuse_or_run(
         "train",
         key,
         Adapter,
-        cache_dir_of(run_dir),
+        cache,
         parent,
-        lambda: _dispatch(config, base, data, run_dir, parent),
+        lambda: _dispatch(config, base, data, run_dir, checkpoints, parent),
         lambda a: [a.path],
     )
 
 
 def _dispatch(
-    config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker
+    config: PipelineConfig,
+    base: QuantizedBase,
+    data: ValidatedData,
+    run_dir: Path,
+    checkpoints: Path,
+    parent: MlflowTracker,
 ) -> Adapter:
     from flows.train import ADAPTER_RECORD, train_flow
 
@@ -41,6 +63,7 @@ def _dispatch(
         "run_dir": str(run_dir),
         "tracking_uri": parent.tracking_uri,
         "parent_run_id": parent.run_id,
+        "checkpoint_dir": str(checkpoints),
     }
     orchestration = config.orchestration
     if orchestration.train_on == "in_process":

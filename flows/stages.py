@@ -23,7 +23,7 @@ from loraflow.records import (
     RegisteredVersion,
     ValidatedData,
 )
-from loraflow.tracking import MlflowTracker, stage_run
+from loraflow.tracking import MlflowTracker, Tracker, stage_run
 
 
 @task(name="base-model", cache_policy=NO_CACHE)
@@ -87,17 +87,21 @@ def quantize_stage(config: PipelineConfig, base: BaseModelRef, cache_dir: Path, 
         return quantize(base, config.quant, cache_dir, tracker)
 
 
-@task(name="train", cache_policy=NO_CACHE)
-def train_stage(
-    config: PipelineConfig, base: QuantizedBase, data: ValidatedData, run_dir: Path, parent: MlflowTracker
+@task(name="train-attempt", cache_policy=NO_CACHE)
+def train_attempt(
+    config: PipelineConfig,
+    base: QuantizedBase,
+    data: ValidatedData,
+    run_dir: Path,
+    checkpoint_dir: Path | None,
+    tracker: Tracker,
 ) -> Adapter:
-    from loraflow.reports import plot_loss_curve
-    from tasks.train import train
+    """One run of the trainer process; the train flow retries it (config.train.retries), each retry resuming."""
+    from prefect.runtime import task_run
 
-    with stage_run(parent, "train") as tracker:
-        adapter = train(base, data, config.lora, config.train, run_dir, tracker)
-        tracker.log_artifact(plot_loss_curve(adapter.loss_curve_path, run_dir / "train" / "loss_curve.png"), "train")
-    return adapter
+    from flows.trainer import run_attempt
+
+    return run_attempt(config, base, data, run_dir, checkpoint_dir, tracker, attempt=task_run.run_count or 1)
 
 
 def evaluate_stage(

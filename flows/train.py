@@ -12,12 +12,15 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import train_stage
+from flows.stages import train_attempt
 from loraflow.config import PipelineConfig
+from loraflow.errors import StageError
 from loraflow.records import Adapter, QuantizedBase, ValidatedData
-from loraflow.tracking import MlflowTracker
+from loraflow.reports import plot_loss_curve
+from loraflow.tracking import BufferedTracker, MlflowTracker, stage_run
 
 ADAPTER_RECORD = "adapter.json"
+RETRY_DELAY_S = 2
 
 
 @flow(name="train", log_prints=True)
@@ -28,8 +31,26 @@ def train_flow(
     run_dir: str,
     tracking_uri: str,
     parent_run_id: str,
+    checkpoint_dir: str | None = None,
 ) -> Adapter:
-    """Train a LoRA adapter on the 4-bit base; the adapter record lands in the run directory."""
-    adapter = train_stage(config, base, data, Path(run_dir), MlflowTracker(tracking_uri, parent_run_id))
-    adapter.save(Path(run_dir) / ADAPTER_RECORD)
+    """Train a LoRA adapter on the 4-bit base; the adapter record lands in the run directory.
+
+    A crashed trainer is retried ``config.train.retries`` times, each attempt resuming from the newest
+    checkpoint in ``checkpoint_dir``; all attempts log into one MLflow train run.
+    """
+    run = Path(run_dir)
+    with stage_run(MlflowTracker(tracking_uri, parent_run_id), "train") as child:
+        tracker = BufferedTracker(child)
+        attempt = train_attempt.with_options(retries=config.train.retries, retry_delay_seconds=RETRY_DELAY_S)
+        adapter = attempt(config, base, data, run, Path(checkpoint_dir) if checkpoint_dir else None, tracker)
+        tracker.log_artifact(plot_loss_curve(adapter.loss_curve_path, run / "train" / "loss_curve.png"), "train")
+        try:
+            tracker.flush(config.tracking.outage_timeout_s)
+        except ConnectionError as e:
+            raise StageError(
+                f"training finished, but MLflow at {tracking_uri} stayed unreachable: {e}. The adapter is safe in "
+                f"{adapter.path}; run the same config again once MLflow is back and it is registered without "
+                "retraining."
+            ) from e
+    adapter.save(run / ADAPTER_RECORD)
     return adapter

@@ -37,14 +37,10 @@ class BaseModelConfig(_Section):
         description="Human-readable model id recorded in lineage, e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct'."
     )
     source: Literal["hf", "gguf"] = Field(
-        "hf",
-        description="'hf': a local Hugging Face model directory; 'gguf': a GGUF file that is "
-        "converted once into a Hugging Face directory under LORAFLOW_HOME.",
+        "hf", description="'hf': a local Hugging Face model folder; 'gguf': a GGUF file, converted once."
     )
     path: str = Field(
-        description="Local directory holding the model, or 'pkg:<module>' for the folder of an "
-        "installed Python package (found without importing it). Never a Hub id: loraflow "
-        "does not download at run time."
+        description="Local model folder, or 'pkg:<module>' for an installed package's folder; never a Hub id."
     )
     gguf_file: str | None = Field(
         None, description="File name of the GGUF checkpoint inside `path` (required when source is 'gguf')."
@@ -80,19 +76,10 @@ class DataConfig(_Section):
     )
     split_seed: int = Field(0, description="Seed of the deterministic train/eval split.")
     policy: Literal["fail", "quarantine"] = Field(
-        "fail",
-        description="What a contract violation does. 'fail': any failed expectation stops the run (nothing is "
-        "trained or registered). 'quarantine': rows failing row-level expectations are set aside in "
-        "data/quarantine.jsonl with their reasons, and the run continues only while their share stays under "
-        "the contract's quarantine.max_share; table-level failures (row count, missing column) still stop it.",
+        "fail", description="On a violation: 'fail' stops the run; 'quarantine' sets failing rows aside, up to a share."
     )
     allowed_roots: list[str] | None = Field(
-        None,
-        description="Directories the dataset file must lie in (symlinks resolved; relative entries resolve "
-        "against the config file). When a config file leaves it out, it defaults to the project holding that "
-        "file (the nearest folder above it with a pyproject.toml or .git, else the file's own folder). None "
-        "(a config built in code, or `loraflow validate` on a path typed by the user) allows any path: set it "
-        "explicitly for configs that arrive as deployment parameters.",
+        None, description="Folders the dataset must lie in (a config file's default: its project; None: anywhere)."
     )
 
 
@@ -120,6 +107,8 @@ class LoraConfig(_Section):
 
 
 CompileMode = Literal["auto", "on", "off"]
+# TrainConfig fields that do not change what a run computes: changing them keeps its checkpoints and cache.
+RUN_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "retries", "resume_across_versions", "log_every")
 
 
 class TrainConfig(_Section):
@@ -140,30 +129,28 @@ class TrainConfig(_Section):
         128, ge=8, description="Tokens per example after templating; longer examples are truncated."
     )
     memory_profile: Literal["fast", "balanced", "lean"] = Field(
-        "balanced",
-        description="Activation memory: 'fast' keeps all activations; 'balanced' recomputes each decoder "
-        "layer in the backward pass; 'lean' also keeps the layer inputs in host memory until then "
-        "(loraflow/ml/memory.py; peaks and tokens/s in docs/benchmarks.md).",
+        "balanced", description="Activations: 'fast' keeps all, 'balanced' recomputes layers, 'lean' also offloads."
     )
-    compile: CompileMode = Field(
-        "auto",
-        description="Compile each decoder layer with torch.compile (one compilation, reused by every layer): "
-        "1.37x tokens/s on an 8B shape on an H200. 'auto' compiles on a GPU only, where it pays for its "
-        "compile time; on a CPU the demo's 30 steps would not.",
-    )
+    compile: CompileMode = Field("auto", description="torch.compile each decoder layer; 'auto': on a GPU only.")
     packing: bool = Field(
-        False,
-        description="Pack several examples into each row of max_seq_length tokens (kept apart by their "
-        "position ids), so that a batch holds real tokens instead of padding; batch_size then counts rows.",
+        False, description="Pack several examples into each row of max_seq_length tokens; batch_size counts rows."
     )
     seed: int = Field(0, description="Seed for adapter init, dropout and data order.")
     checkpoint_every: int | None = Field(
-        None,
-        ge=1,
-        description="Save the adapter and optimizer state every N steps into the run directory "
-        "(None: only the final adapter).",
+        50, ge=1, description="Write a checkpoint that a killed run resumes from every N steps (None: never)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    retries: int = Field(
+        2, ge=0, description="Attempts after a crashed trainer; each resumes from the last checkpoint."
+    )
+    resume_across_versions: bool = Field(
+        False, description="Resume a checkpoint written with other torch/transformers/peft/bitsandbytes/loraflow."
     )
     log_every: int = Field(1, ge=1, description="Log the training loss to the tracker every N steps.")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change what training computes (bookkeeping such as checkpointing left out)."""
+        return self.model_dump(mode="json", exclude=set(RUN_BOOKKEEPING))
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:
@@ -187,20 +174,11 @@ class MergeConfig(_Section):
 
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved merged model.")
     tolerance: float = Field(
-        1e-3,
-        gt=0,
-        description="Largest allowed max-abs logit difference between the saved merged model and 4-bit base + "
-        "adapter, both run in fp32. A float32 merge matches to about 1e-6 (tiny test Llama) to 2e-4 (SmolLM2-135M, "
-        "random r=8 adapter). A bfloat16 or float16 merge also carries its weights' rounding, which the check sees: "
-        "measured 4e-3 / 3e-4 on the tiny Llama and 0.53 / 0.07 on SmolLM2-135M. With those dtypes raise the "
-        "tolerance to what the base model shows (e.g. 1.0 for bfloat16 on SmolLM2-135M); read it from the "
-        "merge/max_abs_logit_diff metric of a run with a generous tolerance.",
+        1e-3, gt=0, description="Largest max |logit diff| of merged vs 4-bit base + adapter in fp32 (16-bit: raise)."
     )
     verify_rows: int = Field(8, ge=1, description="Held-out prompts used for the numerical check.")
     max_shard_gb: float = Field(
-        2.0,
-        gt=0,
-        description="Largest weight file of the merged model (GB); the merge holds about one in host memory.",
+        2.0, gt=0, description="Largest weight file of the merged model (GB); the merge holds about one in memory."
     )
 
 
@@ -215,9 +193,9 @@ class TrackingConfig(_Section):
     """MLflow tracking."""
 
     experiment: str = Field("loraflow", min_length=1, description="MLflow experiment for the run.")
-    uri: str | None = Field(
-        None,
-        description="MLflow tracking URI, e.g. a team server (None: the local stack's MLflow server).",
+    uri: str | None = Field(None, description="MLflow tracking URI, e.g. a team server (None: the local stack's).")
+    outage_timeout_s: float = Field(
+        600.0, gt=0, description="How long a run waits for an unreachable MLflow server before it fails."
     )
 
 
@@ -225,9 +203,7 @@ class OrchestrationConfig(_Section):
     """Where stages run."""
 
     train_on: Literal["deployment", "in_process"] = Field(
-        "deployment",
-        description="'deployment': run the train flow on the GPU work pool via its deployment; "
-        "'in_process': run it inside the finetune flow (tests, single machine without a worker).",
+        "deployment", description="'deployment': the train flow runs on the gpu work pool; 'in_process': right here."
     )
     train_deployment: str = Field("train/gpu", description="'<flow>/<deployment>' of the train flow.")
     train_timeout_s: float = Field(6 * 3600, gt=0, description="Give up waiting for the train flow after this long.")
@@ -243,10 +219,7 @@ class PromotionConfig(_Section):
         False, description="Run the gate at the end of the finetune flow and promote the new version if it passes."
     )
     required_metrics: list[GateMetric] = Field(
-        ["loss", "rouge_l"],
-        min_length=1,
-        description="Metrics compared between candidate and champion on the same held-out data; each may regress "
-        "at most max_regression[metric] (0 when absent).",
+        ["loss", "rouge_l"], min_length=1, description="Metrics compared with the champion on the same held-out data."
     )
     min_improvement: dict[GateMetric, float] = Field(
         {"loss": 0.001},
@@ -256,9 +229,7 @@ class PromotionConfig(_Section):
         {"rouge_l": 0.02}, description="Per metric, how much worse than the champion the candidate may be (absent: 0)."
     )
     thresholds: dict[GateMetric, float] = Field(
-        {},
-        description="Absolute bounds every promoted version must meet, first champion included: an upper bound "
-        "for loss, a lower bound for rouge_l.",
+        {}, description="Absolute bounds for every promoted version: an upper one for loss, a lower one for rouge_l."
     )
     beat_base: bool = Field(
         True, description="The candidate must be at least as good as its own base model on every required metric."

@@ -51,6 +51,8 @@ FAILED_STAGE = "loraflow.failed_stage"  # on a failed parent run: the stage that
 FAILURE = "loraflow.failure"  # on a failed parent run: the reason
 REGISTERED_MODEL = "loraflow.registered_model"
 REGISTERED_VERSION = "loraflow.registered_version"
+RESUMED_FROM = "loraflow.resumed_from"  # on a train run: the checkpoint it resumed from
+RESUMED_ACROSS_VERSIONS = "loraflow.resumed_across_versions"  # ... and the library versions that changed
 CACHED_PREFIX = "loraflow.cached."  # + stage: the stage's output was reused from this path
 
 # The promotion lock (tags of the lock experiment).

@@ -8,6 +8,7 @@ another process (the train flow on the GPU work pool).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,126 @@ class NullTracker:
 
 
 NULL_TRACKER = NullTracker()
+
+
+class EventLog:
+    """A Tracker that appends each call as one JSON line to a file, for another process to replay.
+
+    The trainer runs in a process of its own (tasks/train.py) and may be killed at any instant; the
+    train flow reads the lines it wrote (:class:`EventReader`) and forwards them to MLflow and the
+    logs. A line is written whole with one ``write`` of an unbuffered file, so a reader sees
+    complete lines and at most one partial last line, which it leaves for later.
+    """
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115  (open for the trainer's lifetime)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        line = json.dumps({"kind": kind, "time": time.time(), **fields}, default=str) + "\n"
+        self._file.write(line.encode())
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.event("params", params=params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.event("metrics", metrics=metrics, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.event("artifact", path=str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.event("tags", tags=tags)
+
+
+class EventReader:
+    """Reads the complete lines an :class:`EventLog` has written since the last call."""
+
+    def __init__(self, path: Path, offset: int = 0):
+        self.path, self.offset = path, offset
+
+    def new(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a partial last line waits for its end
+        self.offset += end
+        return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+
+
+def replay(event: dict[str, Any], tracker: Tracker) -> None:
+    """Apply one :class:`EventLog` line to ``tracker`` (events that are not tracker calls are skipped)."""
+    kind = event["kind"]
+    if kind == "params":
+        tracker.log_params(event["params"])
+    elif kind == "metrics":
+        tracker.log_metrics(event["metrics"], event["step"])
+    elif kind == "artifact":
+        tracker.log_artifact(event["path"], event["artifact_path"])
+    elif kind == "tags":
+        tracker.set_tags(event["tags"])
+
+
+class BufferedTracker:
+    """Forwards to ``inner``; while the tracking server cannot be reached, keeps the calls in order.
+
+    Training must not stop because MLflow restarted: a call that fails is queued with every call
+    after it, and the queue is retried at most every ``retry_every_s`` on later calls.
+    :meth:`flush` then waits for the server up to a deadline and raises the last error if it never
+    comes back, so a run ends FAILED with a clear message instead of hanging or dropping metrics.
+    """
+
+    def __init__(self, inner: Tracker, retry_every_s: float = 5.0):
+        self.inner = inner
+        self.retry_every_s = retry_every_s
+        self.pending: list[tuple[str, tuple[Any, ...]]] = []
+        self.last_error: Exception | None = None
+        self._next_try = 0.0
+
+    def _call(self, name: str, *args: Any) -> None:
+        self.pending.append((name, args))
+        if time.monotonic() >= self._next_try:
+            self._drain()
+
+    def _drain(self) -> bool:
+        while self.pending:
+            name, args = self.pending[0]
+            try:
+                getattr(self.inner, name)(*args)
+            except Exception as e:  # noqa: BLE001  (any failure of the server: kept and retried, see flush)
+                self.last_error = e
+                self._next_try = time.monotonic() + self.retry_every_s
+                return False
+            self.pending.pop(0)
+        self.last_error = None
+        return True
+
+    def flush(self, timeout_s: float) -> None:
+        """Deliver every queued call, waiting up to ``timeout_s`` for the server; raise its error after that."""
+        deadline = time.monotonic() + timeout_s
+        while not self._drain():
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"the tracking server did not accept {len(self.pending)} queued call(s) within {timeout_s:.0f} s: "
+                    f"{self.last_error}"
+                ) from self.last_error
+            time.sleep(min(self.retry_every_s, max(0.0, deadline - time.monotonic())))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._call("log_params", params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._call("log_metrics", metrics, step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", path, artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("set_tags", tags)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

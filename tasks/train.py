@@ -1,26 +1,48 @@
 """train: QuantizedBase + ValidatedData + LoRA/training config -> Adapter (standard PEFT format).
 
 The loop itself is loraflow.ml.training; this stage reads the split, encodes it with the base's
-tokenizer, trains with a fixed seed and saves the adapter, its tokenizer and the loss curve.
+tokenizer, trains with a fixed seed and saves the adapter, its tokenizer and the loss curve. With a
+checkpoint folder it resumes from the newest checkpoint of the same run found there.
+
+The train flow runs it in a process of its own, so that a killed trainer (OOM, pre-emption) costs
+one attempt, not the flow:
+
+    python -m tasks.train REQUEST.json EVENTS.jsonl ADAPTER.json
+
+reads a :class:`TrainRequest`, appends every metric, tag and step to EVENTS.jsonl (the flow
+forwards them to MLflow and the logs) and writes the Adapter record to ADAPTER.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from loraflow import tags as T
 from loraflow.config import LoraConfig, TrainConfig
 from loraflow.errors import DataError
-from loraflow.hashing import sha256_dir
+from loraflow.hashing import sha256_dir, sha256_file
+from loraflow.ml import checkpoints
 from loraflow.ml.batching import packed_rows_per_epoch
 from loraflow.ml.examples import encode_all, read_jsonl
 from loraflow.ml.models import load_quantized, load_tokenizer
-from loraflow.ml.training import fit, prepare_for_training
-from loraflow.records import Adapter, QuantizedBase, ValidatedData
-from loraflow.tracking import NULL_TRACKER, Tracker
+from loraflow.ml.training import StepInfo, fit, prepare_for_training
+from loraflow.records import Adapter, QuantizedBase, Record, ValidatedData, load_record
+from loraflow.tracking import NULL_TRACKER, EventLog, Tracker
+
+
+def run_key(base: QuantizedBase, data: ValidatedData, lora: LoraConfig, cfg: TrainConfig) -> str:
+    """What makes two trainings the same run: the train split's bytes, the 4-bit base, LoRA and training settings."""
+    parts = [sha256_file(Path(data.train_path)), base.base.digest, base.quant_hash, lora.model_dump(mode="json")]
+    return hashlib.sha256(json.dumps([*parts, cfg.identity()], sort_keys=True).encode()).hexdigest()
 
 
 def train(
@@ -30,9 +52,15 @@ def train(
     cfg: TrainConfig,
     run_dir: Path,
     tracker: Tracker = NULL_TRACKER,
-    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
 ) -> Adapter:
-    """Train a LoRA adapter on the 4-bit base and save it under ``run_dir/adapter``."""
+    """Train a LoRA adapter on the 4-bit base and save it under ``run_dir/adapter``.
+
+    With ``checkpoint_dir``, checkpoints go there and training resumes from the newest one of this
+    run (:func:`run_key`); one written with other library versions is refused unless
+    ``cfg.resume_across_versions``.
+    """
     start = time.perf_counter()
     tok = load_tokenizer(base.path)
     examples = encode_all(tok, read_jsonl(data.train_path), cfg.max_seq_length)
@@ -51,12 +79,15 @@ def train(
         {"lora": lora.model_dump(mode="json"), "train": cfg.model_dump(mode="json"), "train_examples": len(examples)}
     )
 
+    key = run_key(base, data, lora, cfg)
+    resume = _resumable(checkpoint_dir, key, cfg, tracker) if checkpoint_dir is not None else None
+
     # fork_rng: seeding adapter init and dropout must not leak into the caller's global RNG state;
     # enable_grad: a caller inside torch.no_grad() must not silently disable training.
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(cfg.seed)
         model = prepare_for_training(load_quantized(base.path), lora, cfg.memory_profile, cfg.compile)
-        result = fit(model, examples, tok.pad_token_id, cfg, run_dir, tracker, progress)
+        result = fit(model, examples, tok.pad_token_id, cfg, tracker, checkpoint_dir, key, resume, on_step)
 
     adapter_dir = run_dir / "adapter"
     model.save_pretrained(adapter_dir)
@@ -85,3 +116,52 @@ def train(
     )
     tracker.log_artifact(curve_path, "train")
     return adapter
+
+
+def _resumable(folder: Path, key: str, cfg: TrainConfig, tracker: Tracker) -> checkpoints.Checkpoint | None:
+    """The newest checkpoint of this run in ``folder``, checked; its step and any version change become tags."""
+    found = checkpoints.latest(folder)
+    if found is None:
+        return None
+    changed = found.check_compatible(key, cfg.resume_across_versions)
+    tags = {T.RESUMED_FROM: f"step {found.step}: {found.path}"}
+    if changed:
+        tags[T.RESUMED_ACROSS_VERSIONS] = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+    tracker.set_tags(tags)
+    return found
+
+
+class TrainRequest(Record):
+    """Everything the trainer process needs (the train flow writes it, ``python -m tasks.train`` reads it)."""
+
+    base: QuantizedBase
+    data: ValidatedData
+    lora: LoraConfig
+    train: TrainConfig
+    run_dir: str
+    checkpoint_dir: str | None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tasks.train REQUEST.json EVENTS.jsonl ADAPTER.json``: one training attempt."""
+    request_path, events_path, result_path = argv if argv is not None else sys.argv[1:]
+    request = load_record(TrainRequest, Path(request_path))
+    events = EventLog(Path(events_path))
+    events.event("started", pid=os.getpid())
+    adapter = train(
+        request.base,
+        request.data,
+        request.lora,
+        request.train,
+        Path(request.run_dir),
+        events,
+        Path(request.checkpoint_dir) if request.checkpoint_dir else None,
+        on_step=lambda s: events.event("step", **dataclasses.asdict(s)),
+    )
+    adapter.save(Path(result_path))
+    events.event("finished", steps=adapter.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

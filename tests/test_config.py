@@ -301,3 +301,20 @@ def test_section_hash_covers_only_its_sections(tmp_path: Path) -> None:
     assert other_train.section_hash("quant") == base.section_hash("quant")
     assert other_quant.section_hash("quant") != base.section_hash("quant")
     assert other_train.section_hash("quant", "train") != base.section_hash("quant", "train")
+
+
+def _fields(model: type, prefix: str = ""):
+    for name, field in model.model_fields.items():
+        yield prefix + name, field
+        if hasattr(field.annotation, "model_fields"):
+            yield from _fields(field.annotation, f"{prefix}{name}.")
+
+
+def test_every_setting_has_a_one_line_description() -> None:
+    """Descriptions fill the Prefect form and the JSON schema: one short line each; figures go to docs/."""
+    problems = [
+        f"{name}: {len(f.description or '')} chars"
+        for name, f in _fields(PipelineConfig)
+        if not f.description or "\n" in f.description or len(f.description) > 120
+    ]
+    assert problems == []

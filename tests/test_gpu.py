@@ -30,7 +30,7 @@ def test_quantize_train_evaluate_merge_on_cuda(tiny_model_dir, tiny_data, tmp_pa
     layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert layer.weight.device.type == "cuda"
     train_cfg = TrainConfig(max_steps=12, learning_rate=5e-3, batch_size=4)
-    adapter = train(base, tiny_data, LoraConfig(r=4), train_cfg, tmp_path / "run", progress=False)
+    adapter = train(base, tiny_data, LoraConfig(r=4), train_cfg, tmp_path / "run")
     report = evaluate(base, adapter, tiny_data, EvalConfig(max_new_tokens=4), 64, tmp_path / "run")
     assert report.finetuned.loss < report.base.loss
     merged = merge(base, adapter, tiny_data, MergeConfig(), tmp_path / "run")
@@ -64,7 +64,7 @@ def test_memory_profiles_and_compile_give_the_same_curve_on_cuda(tiny_model_dir,
     cfg = TrainConfig(max_steps=6, learning_rate=5e-3, batch_size=4, memory_profile="fast", compile="off")
 
     def curve(c: TrainConfig, name: str) -> list[float]:
-        adapter = train(base, tiny_data, LoraConfig(r=4), c, tmp_path / name, progress=False)
+        adapter = train(base, tiny_data, LoraConfig(r=4), c, tmp_path / name)
         return [row["loss"] for row in json.loads(open(adapter.loss_curve_path).read())]
 
     reference = curve(cfg, "reference")

@@ -2,26 +2,30 @@
 
 A plain PyTorch loop (no Trainer) so that the step, the loss and the checkpoint layout are ours:
 loss on response tokens only, token-weighted across gradient accumulation, AdamW on the adapter
-weights, one checkpoint folder per ``checkpoint_every`` steps.
+weights, a checkpoint every ``checkpoint_every`` steps that a killed run resumes from exactly.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
-from tqdm.auto import tqdm
+from peft import get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import get_scheduler
 
 from loraflow.config import CompileMode, LoraConfig, TrainConfig
+from loraflow.ml import checkpoints
 from loraflow.ml.batching import collate, collate_packed, micro_batches, packed_micro_batches, packed_rows_per_epoch
 from loraflow.ml.lora4bit import fuse_lora_4bit
 from loraflow.ml.loss import token_loss_sum
 from loraflow.ml.memory import PROFILES, MemoryProfile, apply_profile
+from loraflow.ml.merge import ADAPTER_WEIGHTS
 from loraflow.ml.prompts import IGNORE_INDEX, Encoded
 from loraflow.tracking import NULL_TRACKER, Tracker
 
@@ -73,19 +77,15 @@ def total_steps(cfg: TrainConfig, units_per_epoch: int) -> tuple[int, float]:
     return steps, cfg.epochs
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        },
-        out / "trainer_state.pt",
-    )
-    return out
+@dataclass(frozen=True)
+class StepInfo:
+    """What the loop reports after each optimizer step (for a progress display)."""
+
+    step: int
+    steps: int
+    loss: float
+    seconds: float  # wall time of this step
+    tokens: int  # non-padding tokens of this step
 
 
 @dataclass
@@ -98,6 +98,7 @@ class Fit:
     final_loss: float
     curve: list[dict[str, float]]
     checkpoints: list[str]
+    resumed_from: int | None = None  # the step of the checkpoint this call started from
 
 
 def fit(
@@ -105,45 +106,59 @@ def fit(
     examples: list[Encoded],
     pad_id: int,
     cfg: TrainConfig,
-    run_dir: Path,
     tracker: Tracker = NULL_TRACKER,
-    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    run_key: str = "",
+    resume: checkpoints.Checkpoint | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
 ) -> Fit:
     """Train the LoRA weights of ``model`` (from :func:`prepare_for_training`) on encoded examples.
 
     The data order follows ``cfg.seed``; LoRA dropout follows torch's RNG, which the caller seeds
-    (``train`` does, before the adapter is initialised).
+    (``train`` does, before the adapter is initialised). With ``checkpoint_dir``, a checkpoint of
+    ``run_key`` is written every ``cfg.checkpoint_every`` steps (:mod:`loraflow.ml.checkpoints`);
+    with ``resume``, the loop continues from that checkpoint exactly where the run that wrote it
+    was: adapter, optimizer, scheduler, RNG states, data position and loss curve restored, so the
+    steps after it compute what an uninterrupted run computes.
     """
     if cfg.packing:
         units = packed_rows_per_epoch(examples, cfg.max_seq_length, cfg.seed)
-        batches = (
-            collate_packed(b, pad_id)
-            for b in packed_micro_batches(examples, cfg.batch_size, cfg.max_seq_length, cfg.seed)
-        )
+        stream = packed_micro_batches(examples, cfg.batch_size, cfg.max_seq_length, cfg.seed)
+        batch_of = collate_packed
     else:
         units = len(examples)
-        batches = (collate(b, pad_id) for b in micro_batches(examples, cfg.batch_size, cfg.seed))
+        stream = micro_batches(examples, cfg.batch_size, cfg.seed)
+        batch_of = collate
     steps, epochs = total_steps(cfg, units)
     chunk_tokens = PROFILES[cfg.memory_profile].loss_chunk_tokens
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
-    curve: list[dict[str, float]] = []
-    checkpoints: list[str] = []
-    trained_tokens = 0
-    window: list[float] = []
-    last_window: list[float] = []
+    loop = {"curve": [], "trained_tokens": 0, "window": [], "last_window": []}
+    start = 0
+    if resume is not None:
+        state = resume.state()
+        set_peft_model_state_dict(model, load_file(resume.path / ADAPTER_WEIGHTS))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loop = state["loop"]
+        start = resume.step
+        for _ in range(start * cfg.grad_accum):  # the batch stream is replayed, not stored
+            next(stream)
+        checkpoints.set_rng_states(state["rng"])
+    curve, window = loop["curve"], loop["window"]
     model.train()
-    bar = tqdm(range(1, steps + 1), desc="train", unit="step", disable=not progress)
-    for step in bar:
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
+    for step in range(start + 1, steps + 1):
+        began = time.perf_counter()
+        micro = [batch_of(next(stream), pad_id) for _ in range(cfg.grad_accum)]
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        step_loss = 0.0
+        step_loss, step_tokens = 0.0, 0
         for b in micro:
             loss_sum, _ = token_loss_sum(model, b, chunk_tokens=chunk_tokens)
             (loss_sum / n_tokens).backward()
             step_loss += loss_sum.item() / n_tokens
-            trained_tokens += int(b["attention_mask"].sum())
+            step_tokens += int(b["attention_mask"].sum())
+        loop["trained_tokens"] += step_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
@@ -151,14 +166,23 @@ def fit(
         lr = scheduler.get_last_lr()[0]
         curve.append({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm})
         window.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
         if step % cfg.log_every == 0 or step == steps:
             tracker.log_metrics(
                 {"train/loss": sum(window) / len(window), "train/lr": lr, "train/grad_norm": grad_norm}, step
             )
-            last_window, window = window, []
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
-            ck = save_checkpoint(model, optimizer, scheduler, step, run_dir / "checkpoints" / f"step-{step:06d}")
-            checkpoints.append(str(ck))
-    bar.close()
-    return Fit(steps, epochs, trained_tokens, sum(last_window) / len(last_window), curve, checkpoints)
+            loop["last_window"], window = window, []
+            loop["window"] = window
+        if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": checkpoints.rng_states(),
+                "loop": loop,
+            }
+            checkpoints.save(checkpoint_dir, step, model, state, {"run_key": run_key}, cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(StepInfo(step, steps, step_loss, time.perf_counter() - began, step_tokens))
+    last = loop["last_window"]
+    kept = [str(c.path) for c in checkpoints.complete(checkpoint_dir)] if checkpoint_dir is not None else []
+    resumed = resume.step if resume is not None else None
+    return Fit(steps, epochs, loop["trained_tokens"], sum(last) / len(last), curve, kept, resumed)

@@ -102,7 +102,7 @@ def tiny_adapter(tiny_quantized, tiny_data, tmp_path_factory) -> Adapter:
     from tasks.train import train
 
     with torch_threads(1):
-        return train(tiny_quantized, tiny_data, LoraConfig(r=4), TRAIN, tmp_path_factory.mktemp("run"), progress=False)
+        return train(tiny_quantized, tiny_data, LoraConfig(r=4), TRAIN, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

@@ -67,4 +67,5 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def trained(tiny_quantized, tiny_data, tmp_path_factory) -> Adapter:
     with torch_threads(1):
-        return train(tiny_quantized, tiny_data, LORA, TRAIN, tmp_path_factory.mktemp("run"), progress=False)
+        run = tmp_path_factory.mktemp("run")
+        return train(tiny_quantized, tiny_data, LORA, TRAIN, run, checkpoint_dir=run / "checkpoints")

@@ -72,9 +72,10 @@ def test_checkpoints_every_n_steps(trained: Adapter) -> None:
         assert (Path(c) / "adapter_config.json").is_file()
         assert (Path(c) / "adapter_model.safetensors").is_file()
         state = torch.load(Path(c) / "trainer_state.pt", weights_only=False)
-        assert state["step"] == step
-        assert set(state) == {"step", "optimizer", "scheduler", "torch_rng"}
+        assert json.loads((Path(c) / "meta.json").read_text())["step"] == step
+        assert set(state) == {"optimizer", "scheduler", "rng", "loop"}
         assert state["scheduler"]["last_epoch"] == step
+        assert [row["step"] for row in state["loop"]["curve"]] == list(range(1, step + 1))
 
 
 def test_saved_adapters_reproduce_the_training_losses(trained, tiny_quantized, tiny_data, tok, tmp_path) -> None:
@@ -91,7 +92,7 @@ def test_saved_adapters_reproduce_the_training_losses(trained, tiny_quantized, t
 
     # A 5-step run with the same seed ends where the 15-step run was at step 5.
     short_cfg = TRAIN.model_copy(update={"max_steps": 5, "checkpoint_every": None})
-    short = train(tiny_quantized, tiny_data, LORA, short_cfg, tmp_path / "short", progress=False)
+    short = train(tiny_quantized, tiny_data, LORA, short_cfg, tmp_path / "short")
     assert loss_curve(short) == curve[:5]
     final = load_file(Path(short.path) / "adapter_model.safetensors")
     ck5 = load_file(Path(trained.checkpoints[0]) / "adapter_model.safetensors")
@@ -112,13 +113,13 @@ def test_saved_adapters_reproduce_the_training_losses(trained, tiny_quantized, t
 
 def test_same_seed_same_curve_other_seed_other_curve(trained, tiny_quantized, tiny_data, tmp_path) -> None:
     rng = torch.get_rng_state()
-    again = train(tiny_quantized, tiny_data, LORA, TRAIN, tmp_path / "again", progress=False)
+    again = train(tiny_quantized, tiny_data, LORA, TRAIN, tmp_path / "again")
     assert torch.equal(torch.get_rng_state(), rng)  # seeding stays inside train()
     assert loss_curve(again) == loss_curve(trained)  # exact
     assert again.final_loss == trained.final_loss
 
     other_cfg = TRAIN.model_copy(update={"seed": 1, "max_steps": 5, "checkpoint_every": None})
-    other = train(tiny_quantized, tiny_data, LORA, other_cfg, tmp_path / "other", progress=False)
+    other = train(tiny_quantized, tiny_data, LORA, other_cfg, tmp_path / "other")
     assert loss_curve(other) != loss_curve(trained)[:5]
 
 
@@ -137,7 +138,7 @@ def test_equivalent_settings_give_the_same_curve(trained, tiny_quantized, tiny_d
     splitting a batch of 4 into 2 x 2 token-weighted micro-batches, changes how a step is computed
     but not what it computes."""
     cfg = TRAIN.model_copy(update={"max_steps": 5, "checkpoint_every": None, **update})
-    other = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "run", progress=False)
+    other = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "run")
     # bf16 compute: compiled kernels keep fused intermediates in fp32, eager ones round each to bf16
     rel = 1e-3 if update.get("compile") == "on" else 1e-4
     assert loss_curve(other) == pytest.approx(loss_curve(trained)[:5], rel=rel)
@@ -147,7 +148,7 @@ def test_packed_training_fills_rows_with_real_tokens(trained, tiny_quantized, ti
     """With packing, a step of 3 rows of at most 64 tokens holds two ~25-token examples a row: more real
     tokens than a step of 4 padded examples, and the loss still falls."""
     cfg = TRAIN.model_copy(update={"packing": True, "batch_size": 3, "checkpoint_every": None})
-    packed = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "packed", progress=False)
+    packed = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "packed")
     curve = loss_curve(packed)
     assert len(curve) == packed.steps == 15
     assert sum(curve[-3:]) < sum(curve[:3])
@@ -163,5 +164,5 @@ def test_too_few_examples_is_a_data_error(tiny_quantized, tmp_path, rows, max_se
     data = make_validated_data(tmp_path / "data", rows, rows[:1])
     cfg = TRAIN.model_copy(update={"max_seq_length": max_seq_length})
     with pytest.raises(DataError, match=f"only {kept} training examples .* fewer than one batch of 4"):
-        train(tiny_quantized, data, LORA, cfg, tmp_path / "run", progress=False)
+        train(tiny_quantized, data, LORA, cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "adapter").exists()

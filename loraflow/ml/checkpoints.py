@@ -1,0 +1,178 @@
+"""Training checkpoints that a killed run resumes from: complete or absent, never half written.
+
+A checkpoint is a folder ``step-NNNNNN`` holding the adapter (``save_pretrained``), the optimizer and
+scheduler states, every RNG state the loop draws from, the position in the data order (the step:
+the batch stream is a pure function of the seed, so it is replayed, not stored), the loss curve so
+far, and ``meta.json`` with the library versions and the run key it belongs to. It is written into
+a hidden temporary folder, each file fsynced, then renamed into place and the parent folder fsynced:
+after a crash at any instant the folder either holds a complete checkpoint or none. Only the newest
+``keep`` are kept.
+
+Resuming across a change of torch, transformers, peft, bitsandbytes or loraflow is refused with a
+message naming what changed: such a change can alter the loss curve silently (the failure users of
+other trainers report). ``allow_version_change`` resumes anyway, and the caller records that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraflow.errors import UsageError
+
+META = "meta.json"
+STATE = "trainer_state.pt"
+PREFIX = "step-"
+VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "loraflow")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose change can change a resumed run's numbers."""
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint on disk."""
+
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+    def state(self) -> dict[str, Any]:
+        """Optimizer, scheduler and RNG states (loaded on the CPU; the optimizer moves them back)."""
+        return torch.load(self.path / STATE, map_location="cpu", weights_only=False)
+
+    def check_compatible(self, run_key: str, allow_version_change: bool) -> dict[str, tuple[str, str]]:
+        """Refuse a checkpoint of another run; return the version changes (empty when none).
+
+        Raises:
+            UsageError: the checkpoint belongs to another run, or versions changed and that is not allowed.
+        """
+        if self.meta.get("run_key") != run_key:
+            raise UsageError(
+                f"checkpoint {self.path} belongs to another run (key {self.meta.get('run_key', '?')[:12]}, this "
+                f"run {run_key[:12]}); remove it or start over with `--fresh`"
+            )
+        then = self.meta.get("versions", {})
+        changed = {k: (then.get(k, "?"), v) for k, v in library_versions().items() if then.get(k) != v}
+        if changed and not allow_version_change:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise UsageError(
+                f"checkpoint {self.path} (step {self.step}) was written with other library versions ({what}); "
+                "a resumed run could continue a different loss curve. Start over with `--fresh`, or resume anyway "
+                "with train.resume_across_versions=true (recorded in MLflow)."
+            )
+        return changed
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(
+    folder: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically into ``folder`` and prune it to the newest ``keep``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:06d}"
+    tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        torch.save(state, tmp / STATE)
+        (tmp / META).write_text(json.dumps({**meta, "step": step, "versions": library_versions()}, indent=2))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+        if final.exists():  # the same step written by an earlier attempt: identical by determinism
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(folder, keep)
+    return final
+
+
+def complete(folder: Path) -> list[Checkpoint]:
+    """The complete checkpoints in ``folder``, oldest first (leftover temporary folders are ignored)."""
+    found = []
+    if not folder.is_dir():
+        return found
+    for d in folder.iterdir():
+        if not d.name.startswith(PREFIX) or not (d / META).is_file() or not (d / STATE).is_file():
+            continue
+        try:
+            meta = json.loads((d / META).read_text())
+        except ValueError:
+            continue
+        found.append(Checkpoint(d, int(meta["step"]), meta))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest(folder: Path) -> Checkpoint | None:
+    done = complete(folder)
+    return done[-1] if done else None
+
+
+def prune(folder: Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` complete checkpoints, and temporary folders of dead writers."""
+    removed = []
+    for c in complete(folder)[:-keep]:
+        shutil.rmtree(c.path, ignore_errors=True)
+        removed.append(c.path)
+    for d in folder.glob(f".tmp-{PREFIX}*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG state the training loop draws from (dropout: torch's CPU and CUDA generators)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
