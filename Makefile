@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 export LORAFLOW_HOME ?= $(CURDIR)/.loraflow
 
-.PHONY: setup demo test test-all lint format up down status clean
+.PHONY: setup system demo test test-fast lint format up down status clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,18 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/loraflow demo
 
-test: setup
+# The Debian packages some tests need (postgresql, chromium, wordnet-base): installed when missing
+# and possible, else a one-line instruction. The only tests that then skip are the GPU ones.
+system:
+	@bash scripts/system-deps.sh
+
+# Everything, slow tests included: kill tests, MLflow outages, the simulated month (~25 min on 2 cores).
+test: setup system
 	$(PY) -m pytest -q
+
+# For iteration: unit tests only, no servers, no kills (~3 min).
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration and not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

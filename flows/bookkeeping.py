@@ -85,12 +85,19 @@ def reporting_failure(parent: MlflowTracker) -> Iterator[None]:
     except BaseException as e:
         from prefect.artifacts import create_markdown_artifact
 
-        tags = parent.client.get_run(parent.run_id).data.tags
+        try:
+            tags = parent.client.get_run(parent.run_id).data.tags
+        except Exception:  # noqa: BLE001  (MLflow away: report from the exception alone)
+            tags = {}
         stage = tags.get(T.FAILED_STAGE, "orchestration")
+        try:
+            where = f"[{parent.run_id}]({parent.url})"
+        except Exception:  # noqa: BLE001
+            where = f"{parent.run_id} (MLflow at {parent.tracking_uri} did not answer)"
         reason = tags.get(T.FAILURE, f"{type(e).__name__}: {e}")
         create_markdown_artifact(
             f"# finetune failed in stage `{stage}`\n\n```\n{reason}\n```\n\n"
-            f"Nothing was registered. MLflow run: [{parent.run_id}]({parent.url})",
+            f"Nothing was registered. MLflow run: {where}",
             key="finetune-failure",
             description=f"finetune failed in stage {stage}",
         )

@@ -1,13 +1,15 @@
 """The `loraflow` command line.
 
     loraflow up | down | status             the local stack (Prefect server, MLflow server, gpu-pool worker)
-    loraflow run CONFIG.yaml [--set k=v]    the finetune flow
+    loraflow run CONFIG.yaml [--set k=v]    the finetune flow on the cpu pool, followed here (Ctrl-C: detach or cancel)
+    loraflow runs | logs RUN                recent finetune runs; one run's log, followed while it runs
     loraflow demo                           `run configs/demo.yaml`, starting the stack if needed
     loraflow validate DATA [--contract N]   the validate stage alone (exit 0 pass, 1 violated, 2 usage)
     loraflow config-schema                  the JSON schema of the run configuration
     loraflow promote NAME --version N       the promotion gate, then move `champion` (--force needs --reason)
     loraflow rollback NAME                  `champion` back to `previous-champion`
     loraflow history NAME [--at DATE]       versions, lineage, alias moves (--json, --report out.html)
+    loraflow gc [--dry-run]                 remove what retention allows; never what an alias needs
 
 Environment variables are read here and nowhere deeper: LORAFLOW_HOME (default ./.loraflow),
 LORAFLOW_PREFECT_PORT, LORAFLOW_MLFLOW_PORT, LORAFLOW_IDENTITY (who moves aliases, for the audit trail).
@@ -24,26 +26,15 @@ from pathlib import Path
 
 from loraflow.errors import LoraflowError, UsageError
 from loraflow.lineage import REPO_ROOT
+from loraflow.stack.settings import OFFLINE_AND_QUIET
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 BACKEND_HELP = (
     "databases of the Prefect and MLflow servers for a new LORAFLOW_HOME: sqlite files (default) or a private "
     "PostgreSQL server (needs Debian's postgresql package); fixed once the home exists"
 )
+IN_PROCESS_HELP = "run the finetune flow inside this command instead of on the cpu pool's worker (killing it stops it)"
 FRESH_HELP = "train from scratch: drop this config's checkpoints and cached adapter instead of resuming from them"
-
-# Offline and quiet by default: the Hub is unreachable, and telemetry has nowhere to go.
-QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 def _settings(backend: str | None = None):
@@ -67,6 +58,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from flows.deploy import apply_saved
 
     apply_saved(settings.home, DEMO_CONFIG)
+    _reconcile(settings)
     print(status.format())
     print(f"\nPrefect UI: {settings.prefect_ui_url}\nMLflow UI:  {settings.mlflow_url}\nState:      {settings.home}")
     return 0
@@ -83,21 +75,42 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from loraflow.stack.services import status
 
-    st = status(_settings())
+    settings = _settings()
+    st = status(settings)
     print(st.format())
+    if st.all_healthy:
+        _reconcile(settings)
     return 0 if st.all_healthy else 1
 
 
+def _reconcile(settings, tracking_uri: str | None = None) -> None:
+    """Close what crashed attempts left open (flows/reconcile.py) and say what was closed."""
+    from mlflow import MlflowClient
+
+    from flows.reconcile import reconcile
+    from loraflow.stack.services import prefect_client
+
+    with prefect_client(settings) as prefect:
+        closed = reconcile(prefect, MlflowClient(tracking_uri=tracking_uri or settings.mlflow_url))
+    for c in closed:
+        print(f"closed {c.what} {c.id}: {c.why}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    return _run(Path(args.config), args.set or [], start_stack=False, fresh=args.fresh)
+    return _run(Path(args.config), args.set or [], False, fresh=args.fresh, in_process=args.in_process)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _run(DEMO_CONFIG, args.set or [], start_stack=True, backend=args.backend, fresh=args.fresh)
+    return _run(DEMO_CONFIG, args.set or [], True, args.backend, args.fresh, args.in_process)
 
 
 def _run(
-    config_path: Path, overrides: list[str], start_stack: bool, backend: str | None = None, fresh: bool = False
+    config_path: Path,
+    overrides: list[str],
+    start_stack: bool,
+    backend: str | None = None,
+    fresh: bool = False,
+    in_process: bool = False,
 ) -> int:
     from loraflow.config import load_config
     from loraflow.stack.services import status, up
@@ -115,10 +128,22 @@ def _run(
         from flows.deploy import apply_saved
 
         apply_saved(settings.home, DEMO_CONFIG)
-    from flows.finetune import finetune
+    from flows.preflight import preflight, raise_if_any
 
     tracking_uri = config.tracking.uri or settings.mlflow_url
-    summary = finetune(config=config, home=str(settings.home), tracking_uri=tracking_uri, fresh=fresh)
+    raise_if_any(preflight(config, settings.home, tracking_uri, settings.prefect_api_url))
+    _reconcile(settings, tracking_uri)
+    params = {"config": config, "home": str(settings.home), "tracking_uri": tracking_uri, "fresh": fresh}
+    if in_process:
+        from flows.finetune import finetune
+
+        summary = finetune(**params)
+    else:
+        from flows.client import submit_and_follow
+
+        summary = submit_and_follow(params, settings)
+        if summary is None:  # detached or cancelled: said so already
+            return 0
     _print_summary(summary, settings)
     return 0
 
@@ -291,6 +316,32 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from flows.client import recent_runs
+
+    settings = _settings()
+    for line in recent_runs(settings, args.limit):
+        print(line)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from flows.client import show_logs
+
+    return show_logs(_settings(), args.run)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from loraflow.config import load_config
+    from loraflow.registry.retention import collect
+
+    rules = load_config(Path(args.config)).retention if args.config else load_config(DEMO_CONFIG).retention
+    client = _registry(args, need_prefect=False)
+    plan = collect(_settings().home, rules, client, dry_run=args.dry_run)
+    print(plan.format())
+    return 0
+
+
 def cmd_config_schema(args: argparse.Namespace) -> int:
     from loraflow.config import PipelineConfig
 
@@ -323,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value (repeatable), e.g. train.max_steps=20",
     )
     run.add_argument("--fresh", action="store_true", help=FRESH_HELP)
+    run.add_argument("--in-process", action="store_true", help=IN_PROCESS_HELP)
     run.set_defaults(fn=cmd_run)
 
     demo = sub.add_parser("demo", help="start the stack if needed and run configs/demo.yaml end to end")
@@ -331,7 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--backend", choices=["sqlite", "postgres"], help=BACKEND_HELP)
     demo.add_argument("--fresh", action="store_true", help=FRESH_HELP)
+    demo.add_argument("--in-process", action="store_true", help=IN_PROCESS_HELP)
     demo.set_defaults(fn=cmd_demo)
+
+    runs = sub.add_parser("runs", help="recent finetune flow runs: name, state, when (find a run you detached from)")
+    runs.add_argument("--limit", type=int, default=15, help="how many, newest first")
+    runs.set_defaults(fn=cmd_runs)
+
+    logs = sub.add_parser("logs", help="a flow run's log; follows it while it runs (Ctrl-C stops following)")
+    logs.add_argument("run", help="flow run name or id (see `loraflow runs`)")
+    logs.set_defaults(fn=cmd_logs)
 
     val = sub.add_parser(
         "validate", help="check a dataset against a data contract (exit 0 pass, 1 violated, 2 usage error)"
@@ -394,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     his.add_argument("--tracking-uri", help=tracking_help)
     his.set_defaults(fn=cmd_history)
 
+    gc = sub.add_parser("gc", help="remove old run folders, merged models and finished checkpoints (retention)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed and freed; remove nothing")
+    gc.add_argument("--config", help="take the retention section from this run config (default: the demo's)")
+    gc.add_argument("--tracking-uri", help=tracking_help)
+    gc.set_defaults(fn=cmd_gc)
+
     sub.add_parser("config-schema", help="print the JSON schema of the run configuration").set_defaults(
         fn=cmd_config_schema
     )
@@ -401,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for key, value in QUIET_ENV.items():
+    for key, value in OFFLINE_AND_QUIET.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:

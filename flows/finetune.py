@@ -1,4 +1,5 @@
-"""The finetune flow: validate -> quantize -> train (GPU pool) -> evaluate -> merge -> register.
+"""The finetune flow: preflight -> validate -> quantize -> train (GPU pool) -> evaluate -> merge -> register
+-> (promote) -> retention.
 
     loraflow up && loraflow run configs/demo.yaml     # or simply: make demo
 
@@ -14,7 +15,16 @@ from prefect.runtime import flow_run
 from flows.bookkeeping import lineage_of, publish_summary, reporting_failure, resolve_locations, start_parent_run
 from flows.placement import train_on_pool
 from flows.promote import promote
-from flows.stages import base_model_stage, evaluate_stage, merge_stage, quantize_stage, register_stage, validate_stage
+from flows.stages import (
+    base_model_stage,
+    evaluate_stage,
+    merge_stage,
+    preflight_stage,
+    quantize_stage,
+    register_stage,
+    retention_stage,
+    validate_stage,
+)
 from loraflow.config import PipelineConfig
 from loraflow.records import RunSummary
 
@@ -32,6 +42,7 @@ def finetune(
         fresh: train from scratch: drop this config's checkpoints and cached adapter instead of resuming.
     """
     home, tracking_uri = resolve_locations(config, home, tracking_uri)
+    preflight_stage(config, home, tracking_uri)
     run = start_parent_run(config, home, tracking_uri, flow_run.get_id() or "local")
     run_dir, parent, cache = run.run_dir, run.tracker, home / "cache"
     with reporting_failure(parent):
@@ -45,4 +56,6 @@ def finetune(
         promotion = (
             promote(version.name, version.version, tracking_uri, config.promotion) if config.promotion.enabled else None
         )
-        return publish_summary(version, evaluation, merged, run, promotion)
+        summary = publish_summary(version, evaluation, merged, run, promotion)
+    retention_stage(config, home, tracking_uri)
+    return summary

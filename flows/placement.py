@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 
 from flows.caching import cache_dir_of, cache_key, reuse_or_run
+from flows.follow import follow
+from flows.train import FINISHED_RECORD
 from loraflow import tags as T
 from loraflow.config import PipelineConfig
 from loraflow.errors import StageError
@@ -31,19 +33,20 @@ def train_on_pool(
     identity = config.train.identity()
     key = cache_key("train", data.digest, data_settings, base.base.digest, base.quant_hash, config.lora, identity)
     cache = cache_dir_of(run_dir)
-    checkpoints = cache / "train" / key[:16] / "checkpoints"
+    folder = cache / "train" / key[:16]
     if fresh:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         (cache / "stages" / "train" / f"{key}.json").unlink(missing_ok=True)
-    return reuse_or_run(
-        "train",
-        key,
-        Adapter,
-        cache,
-        parent,
-        lambda: _dispatch(config, base, data, run_dir, checkpoints, parent),
-        lambda a: [a.path],
-    )
+
+    def run() -> Adapter:
+        # A training that finished but whose flow failed afterwards (MLflow away) is not done again.
+        finished = folder / FINISHED_RECORD
+        if finished.is_file() and Path((adapter := load_record(Adapter, finished)).path).is_dir():
+            print(f"training of this config already finished in an earlier run: reusing {adapter.path}")
+            return adapter
+        return _dispatch(config, base, data, run_dir, folder / "checkpoints", parent)
+
+    return reuse_or_run("train", key, Adapter, cache, parent, run, lambda a: [a.path])
 
 
 def _dispatch(
@@ -72,14 +75,20 @@ def _dispatch(
     from prefect.deployments import run_deployment
 
     jsonable = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in params.items()}
-    run = run_deployment(orchestration.train_deployment, parameters=jsonable, timeout=orchestration.train_timeout_s)
+    submitted = run_deployment(orchestration.train_deployment, parameters=jsonable, timeout=0)
+    print(f"train flow run '{submitted.name}' submitted to deployment {orchestration.train_deployment}; following it")
+    run = follow(submitted.id, orchestration.train_timeout_s, prefix="train | ")
     state = run.state
     if state is None or not state.is_completed():
-        parent.set_tags({T.FAILED_STAGE: "train"})
         state_name = state.name if state else "unknown"
-        raise StageError(
+        error = StageError(
             f"the train flow run '{run.name}' ({run.id}) on deployment '{orchestration.train_deployment}' ended "
             f"{state_name}: {state.message if state else ''}. Its logs are in the Prefect UI and the worker's log "
             "(`loraflow status` shows where). If it is still running, raise orchestration.train_timeout_s."
         )
+        try:
+            parent.set_tags({T.FAILED_STAGE: "train"})
+        except Exception as e:  # noqa: BLE001  (MLflow away: the train flow's failure is the one to report)
+            error.add_note(f"the failed stage could not be recorded in MLflow: {e}")
+        raise error
     return load_record(Adapter, run_dir / ADAPTER_RECORD)

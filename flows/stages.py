@@ -26,6 +26,14 @@ from loraflow.records import (
 from loraflow.tracking import MlflowTracker, Tracker, stage_run
 
 
+@task(name="preflight", cache_policy=NO_CACHE)
+def preflight_stage(config: PipelineConfig, home: Path, tracking_uri: str) -> None:
+    """Fail in seconds, with every problem listed, before any heavy work (flows/preflight.py)."""
+    from flows.preflight import preflight, raise_if_any
+
+    raise_if_any(preflight(config, home, tracking_uri))
+
+
 @task(name="base-model", cache_policy=NO_CACHE)
 def base_model_stage(config: PipelineConfig, cache_dir: Path) -> BaseModelRef:
     """The base model as a local Hugging Face folder with its digest (a GGUF file is converted once)."""
@@ -184,10 +192,52 @@ def _merge(
         return merge(base, adapter, data, config.merge, run_dir, tracker)
 
 
-# Retries only here: registering talks to the MLflow server over the network, and a failed
-# attempt leaves no version behind (register deletes a version it could not finish).
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(name="retention", cache_policy=NO_CACHE)
+def retention_stage(config: PipelineConfig, home: Path, tracking_uri: str) -> None:
+    """Remove what the retention settings allow (loraflow/registry/retention.py); never what an alias needs."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from loraflow.registry.retention import collect
+
+    if not config.retention.on_finish:
+        return
+    try:
+        plan = collect(home, config.retention, MlflowClient(tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as e:  # housekeeping: the run itself succeeded; the next one collects
+        print(f"retention skipped ({type(e).__name__}: {e}); `loraflow gc` removes what it allows later")
+        return
+    if plan.remove:
+        print(f"retention: removed {len(plan.remove)} path(s), {plan.bytes / 2**20:.0f} MB freed")
+
+
+def outage_backoff(total_s: float) -> list[float]:
+    """Retry delays (5 s doubling to 60 s) that together wait out an MLflow outage of ``total_s``."""
+    delays: list[float] = []
+    while sum(delays) < total_s:
+        delays.append(min(5.0 * 2 ** len(delays), 60.0))
+    return delays
+
+
 def register_stage(
+    config: PipelineConfig,
+    base: QuantizedBase,
+    adapter: Adapter,
+    evaluation: EvalReport,
+    merged: MergedModel,
+    lineage: Lineage,
+    parent: MlflowTracker,
+) -> RegisteredVersion:
+    """Register the adapter, retrying through an MLflow outage of up to ``tracking.outage_timeout_s``."""
+    delays = outage_backoff(config.tracking.outage_timeout_s)
+    task = _register.with_options(retries=len(delays), retry_delay_seconds=delays)
+    return task(config, base, adapter, evaluation, merged, lineage, parent)
+
+
+# Registering talks to the MLflow server over the network; a failed attempt leaves no version behind
+# (register deletes a version it could not finish), and a repeated one finds the version it made.
+@task(name="register", cache_policy=NO_CACHE)
+def _register(
     config: PipelineConfig,
     base: QuantizedBase,
     adapter: Adapter,

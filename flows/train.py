@@ -20,6 +20,7 @@ from loraflow.reports import plot_loss_curve
 from loraflow.tracking import BufferedTracker, MlflowTracker, stage_run
 
 ADAPTER_RECORD = "adapter.json"
+FINISHED_RECORD = "finished.json"  # beside the checkpoints: the adapter of a training that completed
 RETRY_DELAY_S = 2
 
 
@@ -43,6 +44,8 @@ def train_flow(
         tracker = BufferedTracker(child)
         attempt = train_attempt.with_options(retries=config.train.retries, retry_delay_seconds=RETRY_DELAY_S)
         adapter = attempt(config, base, data, run, Path(checkpoint_dir) if checkpoint_dir else None, tracker)
+        if checkpoint_dir:  # before anything that needs MLflow: a later run reuses it instead of training again
+            adapter.save(Path(checkpoint_dir).parent / FINISHED_RECORD)
         tracker.log_artifact(plot_loss_curve(adapter.loss_curve_path, run / "train" / "loss_curve.png"), "train")
         try:
             tracker.flush(config.tracking.outage_timeout_s)

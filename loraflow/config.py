@@ -262,6 +262,15 @@ class PromotionConfig(_Section):
         return self
 
 
+class RetentionConfig(_Section):
+    """What LORAFLOW_HOME keeps of old runs; what a champion, previous-champion or candidate needs always stays."""
+
+    keep_runs: int = Field(10, ge=1, description="Run folders kept, newest first (plus those the aliases need).")
+    keep_merged: int = Field(2, ge=0, description="Merged models kept in those folders, newest first (plus aliases').")
+    active_hours: float = Field(12.0, gt=0, description="An unfinished run touched this recently is still going: kept.")
+    on_finish: bool = Field(True, description="Collect at the end of every finetune run (else only `loraflow gc`).")
+
+
 class PipelineConfig(_Section):
     """A whole fine-tuning run: data, base model, quantization, LoRA, training, evaluation, merge, registry."""
 
@@ -277,10 +286,12 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     promotion: PromotionConfig = PromotionConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON of the config (run_name, promotion rules excluded): same recipe, same hash."""
-        payload = self.model_dump(mode="json", exclude={"run_name", "promotion"})
+        """sha256 of the canonical JSON of the config (run name, promotion and retention excluded): same recipe, same
+        hash."""
+        payload = self.model_dump(mode="json", exclude={"run_name", "promotion", "retention"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def section_hash(self, *names: str) -> str:

@@ -32,7 +32,8 @@ REQUIRED_LINEAGE = (
     MLFLOW_RUN_ID,
 )
 
-# A version's merge check and held-out figures (the gate reads them back).
+# A version's adapter, merge check and held-out figures (the gate reads them back).
+ADAPTER_DIGEST = "loraflow.adapter_digest"  # registering the same adapter of the same run again finds it
 MERGED_PATH = "loraflow.merged_path"
 MERGE_MAX_ABS_LOGIT_DIFF = "loraflow.merge_max_abs_logit_diff"
 MERGE_TOLERANCE = "loraflow.merge_tolerance"
@@ -45,10 +46,14 @@ BASE_EVAL_ROUGE_L = "loraflow.base_eval_rouge_l"
 MANAGED = "loraflow.managed"  # "true" on the registered models loraflow created; only those are changed
 AUDIT_RUN_ID = "loraflow.audit_run_id"  # the model's audit-ledger run
 
+# Experiments.
+PREFLIGHT = "loraflow.preflight"  # written by the preflight check: the experiment accepts writes
+
 # Runs.
 AUDIT_MODEL = "loraflow.audit.model"  # on a ledger run: the model it audits
 FAILED_STAGE = "loraflow.failed_stage"  # on a failed parent run: the stage that raised
 FAILURE = "loraflow.failure"  # on a failed parent run: the reason
+CLOSED_BY = "loraflow.closed_by"  # on a run a crashed attempt left RUNNING: why reconciliation ended it
 REGISTERED_MODEL = "loraflow.registered_model"
 REGISTERED_VERSION = "loraflow.registered_version"
 RESUMED_FROM = "loraflow.resumed_from"  # on a train run: the checkpoint it resumed from

@@ -244,10 +244,20 @@ class MlflowTracker:
         """End the run FINISHED when the block completes, FAILED when it raises."""
         try:
             yield self
-        except BaseException:
-            self.end("FAILED")
+        except BaseException as e:
+            self.end_failed(e)
             raise
         self.end("FINISHED")
+
+    def end_failed(self, error: BaseException, tags: dict[str, str] | None = None) -> None:
+        """Mark the run FAILED (with ``tags``) while ``error`` propagates; if MLflow cannot be reached, say so on
+        the error instead of replacing it (a run left RUNNING is closed by the next reconciliation)."""
+        try:
+            if tags:
+                self.set_tags(tags)
+            self.end("FAILED")
+        except Exception as e:  # noqa: BLE001  (the original error is the one to report)
+            error.add_note(f"MLflow run {self.run_id} could not be marked FAILED: {type(e).__name__}: {e}")
 
     @property
     def url(self) -> str:
@@ -268,8 +278,11 @@ def stage_run(parent: MlflowTracker, stage: str) -> Iterator[MlflowTracker]:
     try:
         yield child
     except BaseException as e:
-        child.end("FAILED")
-        parent.set_tags({T.FAILED_STAGE: stage, T.FAILURE: f"{type(e).__name__}: {e}"[:4000]})
+        child.end_failed(e)
+        try:
+            parent.set_tags({T.FAILED_STAGE: stage, T.FAILURE: f"{type(e).__name__}: {e}"[:4000]})
+        except Exception as tag_error:  # noqa: BLE001  (MLflow away: the stage's own error is the one to report)
+            e.add_note(f"the failed stage could not be recorded in MLflow: {tag_error}")
         raise
     seconds = time.perf_counter() - start
     child.log_metrics({"seconds": seconds})

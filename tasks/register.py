@@ -46,6 +46,10 @@ def register(
 
     client = MlflowClient(tracking_uri=tracking_uri)
     _ensure_registered_model(client, cfg.model_name)
+    existing = _registered_before(client, cfg.model_name, lineage.mlflow_run_id, adapter.digest)
+    if existing is not None:  # a retry after a timeout, or a re-run that resumed: one adapter, one version
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, existing)
+        return _record(cfg, existing, lineage.mlflow_run_id)
     # log_model talks to the tracking server through the fluent API, which reads a process-wide URI.
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=lineage.mlflow_run_id):
@@ -69,6 +73,7 @@ def register(
         )
     tags = {
         **lineage.as_tags(),
+        T.ADAPTER_DIGEST: adapter.digest,
         T.MERGED_PATH: merged.path,
         T.MERGE_MAX_ABS_LOGIT_DIFF: f"{merged.max_abs_logit_diff:.6g}",
         T.MERGE_TOLERANCE: f"{merged.tolerance:.6g}",
@@ -83,13 +88,25 @@ def register(
     except Exception:
         client.delete_model_version(cfg.model_name, version.version)  # no half-registered version
         raise
+    return _record(cfg, str(version.version), lineage.mlflow_run_id)
+
+
+def _record(cfg: RegisterConfig, version: str, run_id: str) -> RegisteredVersion:
     return RegisteredVersion(
         name=cfg.model_name,
-        version=str(version.version),
+        version=version,
         alias=cfg.alias,
         model_uri=f"models:/{cfg.model_name}@{cfg.alias}",
-        run_id=lineage.mlflow_run_id,
+        run_id=run_id,
     )
+
+
+def _registered_before(client, name: str, run_id: str, adapter_digest: str) -> str | None:
+    """The version this run already registered for this adapter, if any."""
+    for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        if mv.tags.get(T.ADAPTER_DIGEST) == adapter_digest and mv.status == "READY":
+            return str(mv.version)
+    return None
 
 
 def _ensure_registered_model(client, name: str) -> None:

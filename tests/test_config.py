@@ -304,10 +304,12 @@ def test_section_hash_covers_only_its_sections(tmp_path: Path) -> None:
 
 
 def _fields(model: type, prefix: str = ""):
+    """Every setting (leaf field) of a config section, with its dotted name."""
     for name, field in model.model_fields.items():
-        yield prefix + name, field
         if hasattr(field.annotation, "model_fields"):
             yield from _fields(field.annotation, f"{prefix}{name}.")
+        else:
+            yield prefix + name, field
 
 
 def test_every_setting_has_a_one_line_description() -> None:

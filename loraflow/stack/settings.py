@@ -134,6 +134,7 @@ class ServiceStatus:
     healthy: bool
     url: str
     log: Path
+    orphans: int = 0  # processes a crashed service left running (`loraflow up` or `down` clears them)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,8 @@ class StackStatus:
         rows = [("SERVICE", "PID", "STATE", "URL", "LOG")]
         for s in self.services:
             state = "healthy" if s.healthy else ("unhealthy" if s.running else "stopped")
+            if s.orphans:
+                state = f"crashed, {s.orphans} orphaned process(es)"
             rows.append((s.name, str(s.pid or "-"), state, s.url, str(s.log)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = ("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows)
@@ -165,7 +168,38 @@ class StackStatus:
 
 def client_env(s: StackSettings) -> dict[str, str]:
     """The environment variables a client process needs to use this stack."""
-    return {"PREFECT_API_URL": s.prefect_api_url, "MLFLOW_TRACKING_URI": s.mlflow_url, "LORAFLOW_HOME": str(s.home)}
+    return {
+        "PREFECT_API_URL": s.prefect_api_url,
+        "MLFLOW_TRACKING_URI": s.mlflow_url,
+        "LORAFLOW_HOME": str(s.home),
+        **MLFLOW_FAIL_FAST,
+        **OFFLINE_AND_QUIET,
+    }
+
+
+# Offline and quiet: the Hub is unreachable, telemetry has nowhere to go, and progress bars of
+# libraries (transformers' "Writing model shards") are noise in logs. Every process of the stack and
+# the CLI gets these.
+OFFLINE_AND_QUIET = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+# Each MLflow request gives up after ~3 s of retries instead of MLflow's ~4 minutes: loraflow waits out an
+# outage itself, buffering metrics and retrying registration for tracking.outage_timeout_s.
+MLFLOW_FAIL_FAST = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 # --- backend ------------------------------------------------------------------------------------

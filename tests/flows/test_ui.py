@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from loraflow import tags as T
-from tests.flows.test_pipeline import FIXTURE, cli, write_config
+from tests.flows.conftest import FIXTURE, cli, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import pytest
 
 from loraflow.errors import StackError, UsageError
 from loraflow.stack.services import down, status, up
-from loraflow.stack.settings import SERVICES, StackSettings, client_env
+from loraflow.stack.settings import MLFLOW_FAIL_FAST, OFFLINE_AND_QUIET, SERVICES, StackSettings, client_env
 
 
 def free_ports(n: int) -> list[int]:
@@ -50,6 +50,8 @@ def test_from_env_defaults_and_urls(tmp_path, monkeypatch):
         "PREFECT_API_URL": "http://127.0.0.1:4200/api",
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
         "LORAFLOW_HOME": str(s.home),
+        **MLFLOW_FAIL_FAST,
+        **OFFLINE_AND_QUIET,
     }
 
 
@@ -125,6 +127,10 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
         assert "loraflow-gpu" in {w.name for w in workers}
         assert "loraflow-cpu" in {w.name for w in cpu_workers}
         assert (s.home / "mlflow" / "mlflow.db").exists() and (s.home / "prefect" / "prefect.db").exists()
+        # Private state: the home and what holds data or secrets are the owner's alone.
+        assert s.home.stat().st_mode & 0o777 == 0o700
+        for f in [s.home / "mlflow" / "mlflow.db", s.home / "prefect" / "prefect.db", *s.home.glob("logs/*.log")]:
+            assert f.stat().st_mode & 0o077 == 0, f
 
         again = up(s, timeout=30)
         assert {x.name: x.pid for x in again.services} == pids
@@ -168,6 +174,36 @@ def test_service_that_dies_reports_its_log(tmp_path, monkeypatch):
     assert str(s.log_path("prefect")) in str(e.value)
     assert "NOT-A-LEVEL" in str(e.value)
     assert not any(x.running for x in status(s).services)
+
+
+@pytest.mark.integration
+def test_a_killed_server_is_reported_and_brought_back_by_up(tmp_path):
+    """SIGKILL of MLflow's main process leaves its uvicorn child holding the port: status says so, and up() clears
+    the orphan and starts the server again without hand cleanup; down() stops what a crashed service left too."""
+    s = settings(tmp_path)
+    try:
+        up(s, timeout=90)
+        leader = psutil.Process(status(s)["mlflow"].pid)
+        children = leader.children(recursive=True)
+        assert children, "mlflow server has no worker processes to orphan"
+        leader.kill()
+        leader.wait(10)
+        crashed = status(s)["mlflow"]
+        assert not crashed.running and crashed.orphans == len(children)
+        assert "crashed" in status(s).format()
+        again = up(s, timeout=90)
+        assert again.all_healthy and again["mlflow"].pid != leader.pid
+        assert not [c for c in children if _alive(c.pid)]
+
+        prefect = psutil.Process(status(s)["prefect"].pid)
+        prefect_children = prefect.children(recursive=True)
+        prefect.kill()
+        prefect.wait(10)
+    finally:
+        stopped = down(s)
+    assert ("prefect" in stopped) == bool(prefect_children)
+    assert not [c for c in prefect_children if _alive(c.pid)]
+    assert not [x for x in status(s).services if x.running or x.orphans]
 
 
 @pytest.mark.integration
