@@ -10,13 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from loraflow import tags as T
+from loraflow.credentials import redact
 
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_serializer(mode="wrap")
+    def _without_credentials(self, handler: SerializerFunctionWrapHandler):
+        # Records go to run files, Prefect parameters and artifacts: a URL in one never shows a credential.
+        return redact(handler(self))
 
     def save(self, path: Path) -> Path:
         """Write the record as JSON (atomically: a reader never sees half a file)."""
