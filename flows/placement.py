@@ -7,6 +7,7 @@ from pathlib import Path
 from flows.caching import cache_dir_of, cache_key, reuse_or_run
 from loraflow import tags as T
 from loraflow.config import PipelineConfig
+from loraflow.credentials import redact
 from loraflow.errors import StageError
 from loraflow.records import Adapter, QuantizedBase, ValidatedData, load_record
 from loraflow.tracking import MlflowTracker
@@ -48,7 +49,8 @@ def _dispatch(
 
     from prefect.deployments import run_deployment
 
-    jsonable = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in params.items()}
+    # Flow-run parameters are readable by every Prefect UI user: redacted like every other writer.
+    jsonable = redact({k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in params.items()})
     run = run_deployment(orchestration.train_deployment, parameters=jsonable, timeout=orchestration.train_timeout_s)
     state = run.state
     if state is None or not state.is_completed():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.bookkeeping import entry_point
 from flows.stages import train_stage
 from loraflow.config import PipelineConfig
 from loraflow.records import Adapter, QuantizedBase, ValidatedData
@@ -30,6 +31,7 @@ def train_flow(
     parent_run_id: str,
 ) -> Adapter:
     """Train a LoRA adapter on the 4-bit base; the adapter record lands in the run directory."""
+    tracking_uri = entry_point(tracking_uri, "tracking_uri")
     adapter = train_stage(config, base, data, Path(run_dir), MlflowTracker(tracking_uri, parent_run_id))
     adapter.save(Path(run_dir) / ADAPTER_RECORD)
     return adapter
