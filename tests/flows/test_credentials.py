@@ -176,9 +176,7 @@ def test_the_credential_shows_nowhere(local_stack, credential_run, tmp_path, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", local_stack.mlflow_url)  # models:/ URIs resolve through it
     found: list[str] = []
     for command, result in outputs.items():
-        found += leaks(f"`loraflow {command}` stdout", result.stdout) + leaks(
-            f"`loraflow {command}` stderr", result.stderr
-        )
+        found += leaks(f"`loraflow {command}` output", f"{result.stdout}\n{result.stderr}")
     found += _mlflow_texts(local_stack, tmp_path)
     found += _prefect_texts(local_stack)
     # Run directories, service logs, the servers' databases (SQLite) and MLflow's artifact store.
@@ -186,3 +184,73 @@ def test_the_credential_shows_nowhere(local_stack, credential_run, tmp_path, mon
     assert any(f.name == "summary.json" for f in files) and any(f.suffix == ".db" for f in files)
     found += [leak for f in files for leak in leaks(str(f.relative_to(local_stack.home)), f.read_bytes())]
     assert not found, "the credential leaked:\n" + "\n".join(found)
+
+
+def test_deployments_refuse_a_credential_and_take_it_from_secret_blocks(local_stack, credential_run, tmp_path):
+    """Deployment parameters are readable by every UI user: a credential in the URI is refused. The Secret
+    blocks reach every deployed run's environment as references, resolved the way the worker resolves them."""
+    import asyncio
+    import contextlib
+
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessJobConfiguration
+
+    from flows.deploy import ALERT_AUTOMATION, ALERT_BLOCK, CREDENTIAL_BLOCKS
+
+    uri, _, summary = credential_run
+    with_credential = Path(summary.run_dir) / "config.yaml"  # the run's config, with the credential put back
+    cfg = yaml.safe_load(with_credential.read_text())
+    cfg["tracking"]["uri"] = uri
+    refused_config = tmp_path / "refused.yaml"
+    refused_config.write_text(yaml.safe_dump(cfg))
+    refused = cli(local_stack, "deploy", "--config", str(refused_config))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "Secret blocks mlflow-tracking-username and mlflow-tracking-password" in refused.stderr
+    assert not leaks("refused deploy", refused.stdout + refused.stderr)
+
+    del cfg["tracking"]["uri"]
+    clean_config = tmp_path / "clean.yaml"
+    clean_config.write_text(yaml.safe_dump(cfg))
+    webhook = "https://hooks.example.com/services/T0/B0/WebhookS3cretPath?token=WebhookToken"
+    with temporary_settings({PREFECT_API_URL: local_stack.prefect_api_url}):
+        values = {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+        for var, block in CREDENTIAL_BLOCKS.items():
+            Secret(value=values[var]).save(block, overwrite=True)
+        try:
+            deployed = cli(local_stack, "deploy", "--config", str(clean_config), "--alert-webhook", webhook)
+            assert deployed.returncode == 0, deployed.stderr[-2000:]
+            assert "from the Secret blocks mlflow-tracking-username, mlflow-tracking-password" in deployed.stdout
+            assert "webhook on hooks.example.com" in deployed.stdout
+            assert "WebhookS3cretPath" not in deployed.stdout + deployed.stderr
+
+            async def resolved_env() -> tuple[dict, dict]:
+                async with get_client() as client:
+                    deployment = await client.read_deployment_by_name("train/gpu")
+                    pool = await client.read_work_pool("gpu")
+                    job = await ProcessJobConfiguration.from_template_and_values(
+                        pool.base_job_template, deployment.job_variables, client=client
+                    )
+                    return deployment.job_variables["env"], job.env
+
+            stored, resolved = asyncio.run(resolved_env())
+            assert stored == {var: "{{ prefect.blocks.secret." + b + " }}" for var, b in CREDENTIAL_BLOCKS.items()}
+            assert resolved["MLFLOW_TRACKING_USERNAME"] == USER and resolved["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
+            with SyncPrefectClient(local_stack.prefect_api_url) as prefect:
+                block = prefect.read_block_document_by_name(ALERT_BLOCK, "custom-webhook", include_secrets=False)
+            assert "WebhookS3cretPath" not in block.model_dump_json()
+        finally:
+            with SyncPrefectClient(local_stack.prefect_api_url) as prefect:
+                blocks = [*((b, "secret") for b in CREDENTIAL_BLOCKS.values()), (ALERT_BLOCK, "custom-webhook")]
+                for name, slug in blocks:
+                    with contextlib.suppress(ObjectNotFound):  # not created when the test failed early
+                        prefect.delete_block_document(prefect.read_block_document_by_name(name, slug).id)
+                for automation in prefect.read_automations_by_name(name=ALERT_AUTOMATION):
+                    prefect.delete_automation(automation.id)
+    # Without the blocks, deploying again leaves no reference behind (a missing block would fail every run).
+    redeployed = cli(local_stack, "deploy", "--config", str(clean_config))
+    assert redeployed.returncode == 0 and "from each worker's environment" in redeployed.stdout
+    with SyncPrefectClient(local_stack.prefect_api_url) as prefect:
+        assert prefect.read_deployment_by_name("train/gpu").job_variables == {"env": {}}
