@@ -141,18 +141,21 @@ class Lineage(Record):
     )
 
     def as_tags(self) -> dict[str, str]:
-        return {
-            T.DATA_DIGEST: self.data_digest,
-            T.DATA_SOURCE: self.data_source,
-            T.CONTRACT: self.contract,
-            T.BASE_MODEL: self.base_model,
-            T.BASE_DIGEST: self.base_digest,
-            T.CONFIG_HASH: self.config_hash,
-            T.CODE_VERSION: self.code_version,
-            T.FLOW_RUN_ID: self.flow_run_id,
-            T.MLFLOW_RUN_ID: self.mlflow_run_id,
-            T.EVAL_SPLIT: self.eval_split,
-        }
+        """The registered version's lineage tags (redacted, like every writer's output)."""
+        return redact(
+            {
+                T.DATA_DIGEST: self.data_digest,
+                T.DATA_SOURCE: self.data_source,
+                T.CONTRACT: self.contract,
+                T.BASE_MODEL: self.base_model,
+                T.BASE_DIGEST: self.base_digest,
+                T.CONFIG_HASH: self.config_hash,
+                T.CODE_VERSION: self.code_version,
+                T.FLOW_RUN_ID: self.flow_run_id,
+                T.MLFLOW_RUN_ID: self.mlflow_run_id,
+                T.EVAL_SPLIT: self.eval_split,
+            }
+        )
 
 
 class RegisteredVersion(Record):

@@ -95,7 +95,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, redact(str(v))[:6000]) for k, v in flatten(params).items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in flatten(params).items()]  # 6000: MLflow's limit
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -115,7 +115,8 @@ class MlflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, redact(str(v)))
+            # Redact, then cut to MLflow's limit: a cut never leaves half a password unrecognised.
+            self.client.set_tag(self.run_id, k, redact(str(v))[:8000])
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
@@ -151,7 +152,7 @@ def stage_run(parent: MlflowTracker, stage: str) -> Iterator[MlflowTracker]:
         yield child
     except BaseException as e:
         child.end("FAILED")
-        parent.set_tags({T.FAILED_STAGE: stage, T.FAILURE: f"{type(e).__name__}: {e}"[:4000]})
+        parent.set_tags({T.FAILED_STAGE: stage, T.FAILURE: f"{type(e).__name__}: {e}"})
         raise
     seconds = time.perf_counter() - start
     child.log_metrics({"seconds": seconds})

@@ -211,3 +211,24 @@ def test_config_and_record_dumps_are_redacted(tmp_path) -> None:
 
     record = RegisteredVersion(name="m", version="1", alias="candidate", model_uri="http://u:S3cret@h/x", run_id="r")
     assert "S3cret" not in record.save(tmp_path / "r.json").read_text()
+
+
+def test_mlflow_params_and_tags_are_redacted_before_mlflow_cuts_them(tmp_path) -> None:
+    """The tracker redacts every param and tag, then cuts to MLflow's limits (a real MLflow store in a file):
+    a cut first would leave a half password that no longer looks like one."""
+    from mlflow import MlflowClient
+
+    from loraflow import tags as T
+    from loraflow.tracking import MlflowTracker, stage_run
+
+    url, half = "http://u:Pw0rdXYZ@h", "http://u:Pw0rd"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = MlflowTracker.start(uri, "credentials", "run", tags={"source": url})
+    parent.log_params({"tracking": {"uri": url}, "long": "x" * (6000 - len(half)) + url})
+    failure = "RuntimeError: " + "y" * (8000 - len("RuntimeError: ") - len(half) - 1) + " " + url
+    with pytest.raises(RuntimeError), stage_run(parent, "train"):
+        raise RuntimeError(failure.removeprefix("RuntimeError: "))
+    run = MlflowClient(tracking_uri=uri).get_run(parent.run_id)
+    assert run.data.params["tracking.uri"] == run.data.tags["source"] == "http://u:***@h"
+    assert run.data.tags[T.FAILED_STAGE] == "train" and len(run.data.tags[T.FAILURE]) == 8000
+    assert not any("Pw0rd" in v for v in [*run.data.params.values(), *run.data.tags.values()])
