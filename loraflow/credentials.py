@@ -72,8 +72,10 @@ def redact(value: T) -> T:
         return value  # type: ignore[return-value]
     if isinstance(value, dict):
         return {k: redact(v) for k, v in value.items()}  # type: ignore[return-value]
-    if isinstance(value, list | tuple):
-        return type(value)(redact(v) for v in value)  # type: ignore[return-value]
+    if isinstance(value, list):
+        return [redact(v) for v in value]  # type: ignore[return-value]
+    if isinstance(value, tuple):
+        return tuple(redact(v) for v in value)  # type: ignore[return-value]
     return value
 
 
@@ -102,9 +104,10 @@ def credential_warning(setting: str) -> str:
 def move_tracking_credentials(url: str, setting: str, environ: MutableMapping[str, str]) -> tuple[str, str | None]:
     """At an entry point: the MLflow URI without its credential, which goes into MLflow's variables in ``environ``.
 
-    Variables already set win, as they do in MLflow itself. Returns the clean URI and the warning to
-    show (None when the URI carried no credential). Past the entry point the credential never travels
-    in a URL: not in flow-run parameters, MLflow error messages or links.
+    Variables already set win, as they do in MLflow itself (which sends them only when both are set:
+    a URL with a user and no password authenticates with neither). Returns the clean URI and the
+    warning to show (None when the URI carried no credential). Past the entry point the credential
+    never travels in a URL: not in flow-run parameters, MLflow error messages or links.
     """
     clean, user, password = split_credentials(url)
     if user is None:
