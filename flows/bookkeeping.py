@@ -1,4 +1,8 @@
-"""Run bookkeeping for the finetune flow: run directory, MLflow parent run, lineage, summary artifacts."""
+"""Run bookkeeping for the finetune flow: run directory, MLflow parent run, lineage, summary artifacts.
+
+Also what every flow does first (:func:`entry_point`), and the Prefect artifact helpers that every
+artifact goes through, redacted like every other writer (loraflow/credentials.py).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import yaml
 
 from loraflow import tags as T
 from loraflow.config import PipelineConfig
+from loraflow.credentials import install_log_redaction, move_tracking_credentials, redact
 from loraflow.errors import UsageError
 from loraflow.lineage import code_version
 from loraflow.records import (
@@ -29,21 +34,54 @@ from loraflow.reports import metrics_rows, summary_markdown
 from loraflow.tracking import MlflowTracker
 
 
+def entry_point(tracking_uri: str, setting: str) -> str:
+    """What a flow does first, as an entry point of its own (a deployment run on a worker).
+
+    Its log records are redacted from here on (they go to the Prefect server too), and a credential
+    in the MLflow URI moves into MLflow's environment variables, with a one-line warning: the URI
+    that the flow passes on (to the train flow, in links and in errors) carries none.
+    """
+    install_log_redaction()
+    clean, warning = move_tracking_credentials(tracking_uri, setting, os.environ)
+    if warning:
+        print(warning)  # flows log their prints: the warning shows in the flow run's logs
+    return clean
+
+
 def resolve_locations(config: PipelineConfig, home: str | None, tracking_uri: str | None) -> tuple[Path, str]:
     """Run home and MLflow URI: explicit arguments first, then the config, then the worker's environment.
 
     A flow started from a deployment is an entry point of its own, so this is where its
-    environment is read.
+    environment is read (and where a credential leaves the URI: :func:`entry_point`).
     """
     home = home or os.environ.get("LORAFLOW_HOME")
-    tracking_uri = tracking_uri or config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    candidates = (
+        ("tracking_uri", tracking_uri),
+        ("tracking.uri", config.tracking.uri),
+        ("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")),
+    )
+    setting, tracking_uri = next(((name, uri) for name, uri in candidates if uri), ("", None))
     missing = [name for name, value in (("LORAFLOW_HOME", home), ("MLFLOW_TRACKING_URI", tracking_uri)) if not value]
     if missing:
         raise UsageError(
             f"the finetune flow does not know {' and '.join(missing)}: pass them as flow parameters, or start "
             "the worker with them set (`loraflow up` does)."
         )
-    return Path(home).resolve(), tracking_uri
+    return Path(home).resolve(), entry_point(tracking_uri, setting)
+
+
+def markdown_artifact(markdown: str, key: str, description: str | None = None) -> None:
+    """A Prefect markdown artifact (redacted: everyone who opens the flow run reads it)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(redact(markdown), key=key, description=redact(description))
+
+
+def table_artifact(rows: list[dict], key: str, description: str | None = None) -> None:
+    """A Prefect table artifact (redacted like the markdown ones)."""
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(redact(rows), key=key, description=redact(description))
 
 
 @dataclass(frozen=True)
@@ -83,8 +121,6 @@ def reporting_failure(parent: MlflowTracker) -> Iterator[None]:
         with parent.run_status():
             yield
     except BaseException as e:
-        from prefect.artifacts import create_markdown_artifact
-
         try:
             tags = parent.client.get_run(parent.run_id).data.tags
         except Exception:  # noqa: BLE001  (MLflow away: report from the exception alone)
@@ -95,7 +131,7 @@ def reporting_failure(parent: MlflowTracker) -> Iterator[None]:
         except Exception:  # noqa: BLE001
             where = f"{parent.run_id} (MLflow at {parent.tracking_uri} did not answer)"
         reason = tags.get(T.FAILURE, f"{type(e).__name__}: {e}")
-        create_markdown_artifact(
+        markdown_artifact(
             f"# finetune failed in stage `{stage}`\n\n```\n{reason}\n```\n\n"
             f"Nothing was registered. MLflow run: {where}",
             key="finetune-failure",
@@ -130,8 +166,6 @@ def publish_summary(
     promotion: PromotionResult | None = None,
 ) -> RunSummary:
     """Tag the parent run, publish Prefect artifacts that link to it, and return the run summary."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     parent, run_dir = run.tracker, run.run_dir
     metrics = parent.client.get_run(parent.run_id).data.metrics
     stage_seconds = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("stage_seconds/")}
@@ -147,10 +181,8 @@ def publish_summary(
         stage_seconds=stage_seconds,
     )
     summary.save(run_dir / "summary.json")
-    create_markdown_artifact(
-        summary_markdown(version, evaluation, merged, parent.url, stage_seconds), key="finetune-summary"
-    )
-    create_table_artifact(
+    markdown_artifact(summary_markdown(version, evaluation, merged, parent.url, stage_seconds), key="finetune-summary")
+    table_artifact(
         metrics_rows(evaluation), key="finetune-metrics", description=f"Held-out metrics; MLflow run {parent.url}"
     )
     return summary

@@ -13,6 +13,8 @@
 
 Environment variables are read here and nowhere deeper: LORAFLOW_HOME (default ./.loraflow),
 LORAFLOW_PREFECT_PORT, LORAFLOW_MLFLOW_PORT, LORAFLOW_IDENTITY (who moves aliases, for the audit trail).
+MLflow's own MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD hold its credentials: a tracking URI
+that carries one hands it over to them here, and everything the CLI prints or logs is redacted.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from loraflow.credentials import install_log_redaction, move_tracking_credentials, redacted_output
 from loraflow.errors import LoraflowError, UsageError
 from loraflow.lineage import REPO_ROOT
 from loraflow.stack.settings import OFFLINE_AND_QUIET
@@ -48,6 +52,14 @@ def _settings(backend: str | None = None):
     settings = StackSettings.from_env(os.environ, backend=backend)
     os.environ.update(client_env(settings))
     return settings
+
+
+def _without_credential(tracking_uri: str, setting: str) -> str:
+    """The MLflow URI without its credential, which moves into MLflow's variables (warned once, on stderr)."""
+    clean, warning = move_tracking_credentials(tracking_uri, setting, os.environ)
+    if warning:
+        print(f"loraflow: {warning}", file=sys.stderr)
+    return clean
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -130,7 +142,10 @@ def _run(
         apply_saved(settings.home, DEMO_CONFIG)
     from flows.preflight import preflight, raise_if_any
 
-    tracking_uri = config.tracking.uri or settings.mlflow_url
+    # The flow's parameters are stored by Prefect: the URI goes in without its credential.
+    tracking_uri = (
+        _without_credential(config.tracking.uri, "tracking.uri") if config.tracking.uri else settings.mlflow_url
+    )
     raise_if_any(preflight(config, settings.home, tracking_uri, settings.prefect_api_url))
     _reconcile(settings, tracking_uri)
     params = {"config": config, "home": str(settings.home), "tracking_uri": tracking_uri, "fresh": fresh}
@@ -194,19 +209,33 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         settings = _settings()
         if not status(settings).all_healthy:
             raise UsageError("no Prefect server: start the local stack with `loraflow up`, or set PREFECT_API_URL.")
-    from flows.deploy import deploy_all, save_choice
+    from flows.deploy import CREDENTIAL_BLOCKS, deploy_all, save_choice
 
     deployed = deploy_all(config_path)
     if not remote:
         save_choice(settings.home, config_path)
     for d in deployed:
         print(f"{d.name:<28} pool {d.pool:<5} {d.id}")
+    env = deployed[0].env  # the same for every deployment
+    blocks = ", ".join(CREDENTIAL_BLOCKS[v] for v in env)
+    print(
+        f"MLflow credential: runs get {', '.join(env)} from the Secret blocks {blocks}"
+        if env
+        else "MLflow credential: from each worker's environment (or create the Secret blocks "
+        f"{' and '.join(CREDENTIAL_BLOCKS.values())} and deploy again)"
+    )
     webhook = args.alert_webhook or os.environ.get("LORAFLOW_ALERT_WEBHOOK")
     if webhook:
+        from urllib.parse import urlsplit
+
         from flows.deploy import ensure_failure_alert
 
         ensure_failure_alert(webhook)
-        print(f"failure alert: automation posts to {webhook} when a finetune or train run fails or crashes")
+        # The host only: a webhook's path or query is often its credential (kept in the block's secret values).
+        print(
+            f"failure alert: automation posts to the webhook on {urlsplit(webhook).hostname} when a finetune "
+            "or train run fails or crashes"
+        )
     else:
         print("failure alert: none (pass --alert-webhook URL or set LORAFLOW_ALERT_WEBHOOK)")
     return 0
@@ -224,7 +253,8 @@ def _registry(args: argparse.Namespace, need_prefect: bool):
         raise UsageError(
             f"the Prefect server of the local stack under {settings.home} is not running: start it with `loraflow up`"
         )
-    return MlflowClient(tracking_uri=args.tracking_uri or settings.mlflow_url)
+    tracking_uri = _without_credential(args.tracking_uri, "--tracking-uri") if args.tracking_uri else None
+    return MlflowClient(tracking_uri=tracking_uri or settings.mlflow_url)
 
 
 def _promotion_rules(config: str | None, client, run_id: str | None):
@@ -471,14 +501,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in OFFLINE_AND_QUIET.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except LoraflowError as e:
-        print(f"loraflow {args.command}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    install_log_redaction()
+    with redacted_output():  # all the terminal sees, Prefect's console logs and tracebacks included
+        try:
+            return args.fn(args)
+        except LoraflowError as e:
+            print(f"loraflow {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception:  # a bug: the traceback Python would print, but through the redacted stream
+            traceback.print_exc()
+            return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@
 
 Applying is idempotent: deploying again updates the deployments in place. The `gpu` pool has a
 concurrency limit of 1 (one training run per GPU); the `cpu` pool runs the orchestrating flows.
+
+Deployment parameters are stored in the Prefect server, readable by every UI user, so a credential
+never goes into one: a config whose tracking URI carries one is refused, with where it belongs. An
+MLflow credential for deployed runs lives in the Prefect Secret blocks `mlflow-tracking-username` and
+`mlflow-tracking-password`; when they exist, every deployment's job variables map them to MLflow's
+environment variables, and the worker resolves them when it starts a run.
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraflow.config import PipelineConfig, load_config
+from loraflow.credentials import PASSWORD_VAR, USERNAME_VAR, redact
+from loraflow.errors import UsageError
 from loraflow.lineage import REPO_ROOT
 
 CPU_POOL = "cpu"
 GPU_POOL = "gpu"
 NIGHTLY_CRON = "0 3 * * *"
 NIGHTLY_TIMEZONE = "UTC"
+# Prefect Secret blocks holding the MLflow credential of deployed runs, by the variable MLflow reads.
+CREDENTIAL_BLOCKS = {USERNAME_VAR: "mlflow-tracking-username", PASSWORD_VAR: "mlflow-tracking-password"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,7 @@ class Deployed:
     name: str  # "<flow>/<deployment>"
     pool: str
     id: str
+    env: tuple[str, ...] = ()  # the variables its runs get from Secret blocks (CREDENTIAL_BLOCKS)
 
 
 def _from_source(entrypoint: str):
@@ -40,23 +51,50 @@ def _from_source(entrypoint: str):
     return Flow.from_source(source=str(REPO_ROOT), entrypoint=entrypoint)
 
 
-def _deploy(entrypoint: str, name: str, pool: str, **kwargs) -> str:
+def _deploy(entrypoint: str, name: str, pool: str, env: dict[str, str], **kwargs) -> str:
     deployment_id = _from_source(entrypoint).deploy(
-        name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False, ignore_warnings=True, **kwargs
+        name=name,
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps=False,
+        ignore_warnings=True,
+        job_variables={"env": env},  # replaced on every apply: a deleted Secret block is no longer referenced
+        **kwargs,
     )
     return str(deployment_id)
 
 
-def deploy_train(pool: str = GPU_POOL) -> Deployed:
+def credential_env(client) -> dict[str, str]:
+    """Job-variable `env` that gives a run the MLflow credential kept in Secret blocks (CREDENTIAL_BLOCKS).
+
+    The values are block references, resolved by the worker when it starts the run: the deployment and
+    its runs show the reference, never the secret. Only blocks that exist are referenced (a missing one
+    would fail every run).
+    """
+    from prefect.exceptions import ObjectNotFound
+
+    env = {}
+    for var, block in CREDENTIAL_BLOCKS.items():
+        try:
+            client.read_block_document_by_name(block, block_type_slug="secret", include_secrets=False)
+        except ObjectNotFound:
+            continue
+        env[var] = "{{ prefect.blocks.secret." + block + " }}"
+    return env
+
+
+def deploy_train(pool: str = GPU_POOL, env: dict[str, str] | None = None) -> Deployed:
     """The `train/gpu` deployment the finetune flow reaches with run_deployment."""
     dep_id = _deploy(
         "flows/train.py:train_flow",
         "gpu",
         pool,
+        env or {},
         description="Trains a LoRA adapter on the 4-bit base; started by the finetune flow.",
         concurrency_limit=1,
     )
-    return Deployed("train/gpu", pool, dep_id)
+    return Deployed("train/gpu", pool, dep_id, tuple(env or {}))
 
 
 ALERT_AUTOMATION = "loraflow-run-failed"
@@ -73,9 +111,12 @@ def ensure_failure_alert(webhook_url: str) -> str:
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.client.orchestration import get_client
 
+    # The URL itself goes into the block's secret values: a webhook URL is often the credential
+    # (Slack's, Teams'), and the block's plain fields are shown in the Prefect UI.
     block = CustomWebhookNotificationBlock(
         name=ALERT_BLOCK,
-        url=webhook_url,
+        url="{{webhook_url}}",
+        secrets={"webhook_url": webhook_url},
         json_data={"text": "{{body}}", "subject": "{{subject}}"},
         allow_private_urls=True,
     )
@@ -105,6 +146,20 @@ def ensure_failure_alert(webhook_url: str) -> str:
     return str(automation.id)
 
 
+def refuse_credentials(config_file: Path, tracking_uri: str) -> None:
+    """Refuse a tracking URI with a credential: deployment parameters are readable by every Prefect UI user."""
+    if redact(tracking_uri) == tracking_uri:
+        return
+    raise UsageError(
+        f"the tracking URI of the deployments ({redact(tracking_uri)}, from tracking.uri in {config_file} or "
+        "MLFLOW_TRACKING_URI) carries a credential, and deployment parameters are stored in the Prefect server for "
+        "every UI user to read. Take it out of the URL and keep it in the Prefect Secret blocks "
+        f"{' and '.join(CREDENTIAL_BLOCKS.values())} (Blocks page of the Prefect UI, or "
+        "`prefect.blocks.system.Secret(value=...).save(NAME)`): `loraflow deploy` hands them to every deployed run as "
+        f"{USERNAME_VAR}/{PASSWORD_VAR}. Then deploy again."
+    )
+
+
 CHOICE_FILE = "deployments.json"
 
 
@@ -128,10 +183,14 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
     from loraflow.stack.services import ensure_process_pools
 
     config: PipelineConfig = load_config(default_config)
+    # The promote deployment's server: the config's, else the caller's (the stack's).
+    tracking_uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    refuse_credentials(default_config, tracking_uri)
     with get_client(sync_client=True) as client:
         ensure_process_pools(client, {cpu_pool: None, gpu_pool: 1})
+        env = credential_env(client)
     defaults = {"config": config.model_dump(mode="json")}
-    out = [deploy_train(gpu_pool)]
+    out = [deploy_train(gpu_pool, env)]
     out.append(
         Deployed(
             "finetune/cpu",
@@ -140,9 +199,11 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
                 "flows/finetune.py:finetune",
                 "cpu",
                 cpu_pool,
+                env,
                 parameters=defaults,
                 description="Fine-tune on demand: the form sets data, base model, LoRA and training settings.",
             ),
+            tuple(env),
         )
     )
     # The nightly retrain ends with the promotion gate: a better adapter becomes champion unattended.
@@ -156,10 +217,12 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
                 "flows/finetune.py:finetune",
                 "retrain-nightly",
                 cpu_pool,
+                env,
                 parameters={"config": nightly.model_dump(mode="json")},
                 schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
                 description=f"Retrain on the latest data every night ({NIGHTLY_CRON} {NIGHTLY_TIMEZONE}).",
             ),
+            tuple(env),
         )
     )
     out.append(
@@ -170,14 +233,15 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
                 "flows/promote.py:promote",
                 "cpu",
                 cpu_pool,
+                env,
                 parameters={
                     "name": config.registry.model_name,
                     "rules": config.promotion.model_dump(mode="json"),
-                    # The server this deployment's runs use: the config's, else the caller's (the stack's).
-                    "tracking_uri": config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+                    "tracking_uri": tracking_uri,
                 },
                 description="Run the promotion gate on a registered version (fill in its number) and move aliases.",
             ),
+            tuple(env),
         )
     )
     return out

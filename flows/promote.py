@@ -17,6 +17,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.bookkeeping import entry_point
 from loraflow.config import PromotionConfig
 from loraflow.records import PromotionResult
 from loraflow.registry import gate, moves
@@ -55,6 +56,7 @@ def promote(
 ) -> PromotionResult:
     """Gate a registered version against the champion and promote it if it passes (or is forced)."""
     actor = rules.identity or getpass.getuser()  # a flow is an entry point: the OS user is read here
+    tracking_uri = entry_point(tracking_uri, "tracking_uri")
     assessment = gate_task(tracking_uri, name, version, rules)
     result = commit_task(tracking_uri, assessment, actor, reason or "promotion gate", force)
     print(result.message)
@@ -65,7 +67,7 @@ def promote(
 def rollback(name: str, tracking_uri: str, rules: PromotionConfig, reason: str = "") -> PromotionResult:
     """Point `champion` back at `previous-champion`, audited."""
     result = moves.rollback(
-        _client(tracking_uri),
+        _client(entry_point(tracking_uri, "tracking_uri")),
         name,
         actor=rules.identity or getpass.getuser(),
         reason=reason,

@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows.bookkeeping import markdown_artifact
 from flows.caching import cache_dir_of, cache_key, reuse_or_run
 from loraflow.config import PipelineConfig
 from loraflow.records import (
@@ -61,8 +62,6 @@ def _publish_validation(folder: Path, parent: MlflowTracker, tracker: MlflowTrac
     """Attach the reports and quarantine file to the run; link them from a Prefect markdown artifact."""
     import json
 
-    from prefect.artifacts import create_markdown_artifact
-
     from loraflow.data.report import markdown
 
     for name in ("validation_report.json", "validation_report.html", "quarantine.jsonl"):
@@ -82,7 +81,7 @@ def _publish_validation(folder: Path, parent: MlflowTracker, tracker: MlflowTrac
             **({"truncated_share": t["truncated_share"]} if t else {}),
         }
     )
-    create_markdown_artifact(
+    markdown_artifact(
         markdown(report, parent.url), key="data-contract", description=f"{report['contract']}: {report['status']}"
     )
 

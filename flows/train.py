@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.bookkeeping import entry_point
 from flows.stages import train_attempt
 from loraflow.config import PipelineConfig
 from loraflow.errors import StageError
@@ -39,6 +40,7 @@ def train_flow(
     A crashed trainer is retried ``config.train.retries`` times, each attempt resuming from the newest
     checkpoint in ``checkpoint_dir``; all attempts log into one MLflow train run.
     """
+    tracking_uri = entry_point(tracking_uri, "tracking_uri")
     run = Path(run_dir)
     with stage_run(MlflowTracker(tracking_uri, parent_run_id), "train") as child:
         tracker = BufferedTracker(child)

@@ -5,6 +5,10 @@ into :class:`PipelineConfig`. It is validated once, at the entry point (CLI, dep
 parameter or UI form); every stage then receives only its own sub-config.
 
     cfg = load_config("configs/demo.yaml", overrides=["train.max_steps=10"])
+
+Every dump of it (the run's config.yaml, MLflow params, Prefect flow-run and deployment parameters,
+the config hash) hides a credential in a URL-valued setting (loraflow/credentials.py); the live
+object keeps it for the entry point, which hands it to MLflow through the environment.
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
+from loraflow.credentials import redact
 from loraflow.errors import UsageError
 
 
@@ -28,6 +41,11 @@ class ConfigError(UsageError):
 class _Section(BaseModel):
     # coerce_numbers_to_str: `--set registry.model_name=2024` means the string "2024".
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+    @model_serializer(mode="wrap")
+    def _without_credentials(self, handler: SerializerFunctionWrapHandler):
+        # Dumps travel (run files, MLflow params, Prefect parameters): none shows a credential in a URL.
+        return redact(handler(self))
 
 
 class BaseModelConfig(_Section):

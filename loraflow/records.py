@@ -10,13 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from loraflow import tags as T
+from loraflow.credentials import redact
 
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_serializer(mode="wrap")
+    def _without_credentials(self, handler: SerializerFunctionWrapHandler):
+        # Records go to run files, Prefect parameters and artifacts: a URL in one never shows a credential.
+        return redact(handler(self))
 
     def save(self, path: Path) -> Path:
         """Write the record as JSON (atomically: a reader never sees half a file)."""
@@ -135,18 +141,21 @@ class Lineage(Record):
     )
 
     def as_tags(self) -> dict[str, str]:
-        return {
-            T.DATA_DIGEST: self.data_digest,
-            T.DATA_SOURCE: self.data_source,
-            T.CONTRACT: self.contract,
-            T.BASE_MODEL: self.base_model,
-            T.BASE_DIGEST: self.base_digest,
-            T.CONFIG_HASH: self.config_hash,
-            T.CODE_VERSION: self.code_version,
-            T.FLOW_RUN_ID: self.flow_run_id,
-            T.MLFLOW_RUN_ID: self.mlflow_run_id,
-            T.EVAL_SPLIT: self.eval_split,
-        }
+        """The registered version's lineage tags (redacted, like every writer's output)."""
+        return redact(
+            {
+                T.DATA_DIGEST: self.data_digest,
+                T.DATA_SOURCE: self.data_source,
+                T.CONTRACT: self.contract,
+                T.BASE_MODEL: self.base_model,
+                T.BASE_DIGEST: self.base_digest,
+                T.CONFIG_HASH: self.config_hash,
+                T.CODE_VERSION: self.code_version,
+                T.FLOW_RUN_ID: self.flow_run_id,
+                T.MLFLOW_RUN_ID: self.mlflow_run_id,
+                T.EVAL_SPLIT: self.eval_split,
+            }
+        )
 
 
 class RegisteredVersion(Record):

@@ -3,7 +3,8 @@
 Stages take a :class:`Tracker` and never import MLflow themselves, so the ML core runs where
 MLflow is not installed (the GPU image) with :class:`NullTracker`. Runs are addressed by id
 through ``MlflowClient``: no global "active run", so a stage can log into its own nested run from
-another process (the train flow on the GPU work pool).
+another process (the train flow on the GPU work pool). Params and tags pass through
+:func:`loraflow.credentials.redact`: a credential in a URL never becomes an (undeletable) param.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loraflow import tags as T
+from loraflow.credentials import redact
 
 
 class Tracker(Protocol):
@@ -200,7 +202,7 @@ class MlflowTracker:
         client = MlflowClient(tracking_uri=tracking_uri)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        all_tags = {"mlflow.runName": run_name, **(tags or {})}
+        all_tags = {"mlflow.runName": run_name, **redact(tags or {})}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.run_id
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -214,7 +216,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in flatten(params).items()]  # 6000: MLflow's limit
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -234,7 +236,8 @@ class MlflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+            # Redact, then cut to MLflow's limit: a cut never leaves half a password unrecognised.
+            self.client.set_tag(self.run_id, k, redact(str(v))[:8000])
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
@@ -261,9 +264,10 @@ class MlflowTracker:
 
     @property
     def url(self) -> str:
+        """The run's page in the MLflow UI, for people: printed, linked from artifacts, kept in the summary."""
         exp_id = self.client.get_run(self.run_id).info.experiment_id
         base = self.tracking_uri.rstrip("/")
-        return f"{base}/#/experiments/{exp_id}/runs/{self.run_id}"
+        return redact(f"{base}/#/experiments/{exp_id}/runs/{self.run_id}")
 
 
 @contextmanager
@@ -280,7 +284,7 @@ def stage_run(parent: MlflowTracker, stage: str) -> Iterator[MlflowTracker]:
     except BaseException as e:
         child.end_failed(e)
         try:
-            parent.set_tags({T.FAILED_STAGE: stage, T.FAILURE: f"{type(e).__name__}: {e}"[:4000]})
+            parent.set_tags({T.FAILED_STAGE: stage, T.FAILURE: f"{type(e).__name__}: {e}"})
         except Exception as tag_error:  # noqa: BLE001  (MLflow away: the stage's own error is the one to report)
             e.add_note(f"the failed stage could not be recorded in MLflow: {tag_error}")
         raise
