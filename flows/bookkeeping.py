@@ -20,6 +20,7 @@ from loraflow.config import PipelineConfig
 from loraflow.credentials import install_log_redaction, move_tracking_credentials, redact
 from loraflow.errors import UsageError
 from loraflow.lineage import code_version
+from loraflow.noise import silence_known_noise
 from loraflow.records import (
     EvalReport,
     Lineage,
@@ -42,6 +43,7 @@ def entry_point(tracking_uri: str, setting: str) -> str:
     that the flow passes on (to the train flow, in links and in errors) carries none.
     """
     install_log_redaction()
+    silence_known_noise()
     clean, warning = move_tracking_credentials(tracking_uri, setting, os.environ)
     if warning:
         print(warning)  # flows log their prints: the warning shows in the flow run's logs

@@ -30,6 +30,7 @@ from pathlib import Path
 from loraflow.credentials import install_log_redaction, move_tracking_credentials, redacted_output
 from loraflow.errors import LoraflowError, UsageError
 from loraflow.lineage import REPO_ROOT
+from loraflow.noise import silence_known_noise
 from loraflow.stack.settings import OFFLINE_AND_QUIET
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -160,6 +161,8 @@ def _run(
         if summary is None:  # detached or cancelled: said so already
             return 0
     _print_summary(summary, settings)
+    if start_stack:  # the demo
+        _print_next_steps(summary, settings)
     return 0
 
 
@@ -179,6 +182,22 @@ def _print_summary(summary, settings) -> None:
     print(f"MLflow UI:     {summary.mlflow_run_url}")
     if summary.promotion is not None:
         print(f"Promotion:     {summary.promotion.message}")
+
+
+def _print_next_steps(summary, settings) -> None:
+    """What to look at and try after the demo."""
+    v = summary.version
+    prefect = f"PREFECT_API_URL={settings.prefect_api_url} {Path(sys.executable).parent / 'prefect'}"
+    print(
+        "\nNext:\n"
+        f"  look at the run      Prefect UI {settings.prefect_ui_url}   MLflow UI {settings.mlflow_url}\n"
+        f"  the data report      {summary.run_dir}/data/validation_report.html\n"
+        f"  promote the candidate  loraflow promote {v.name} --version {v.version}\n"
+        f"  roll back            loraflow rollback {v.name}\n"
+        f"  lineage and history  loraflow history {v.name}\n"
+        f"  the nightly run now  {prefect} deployment run finetune/retrain-nightly\n"
+        "  stop the stack       make down"
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -500,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in OFFLINE_AND_QUIET.items():
         os.environ.setdefault(key, value)
+    silence_known_noise()
     args = build_parser().parse_args(argv)
     install_log_redaction()
     with redacted_output():  # all the terminal sees, Prefect's console logs and tracebacks included

@@ -9,11 +9,19 @@ on a PEFT model it reloads with the targeted base weights freshly initialised (D
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from loraflow import tags as T
 from loraflow.config import RegisterConfig
 from loraflow.records import Adapter, EvalReport, Lineage, MergedModel, QuantizedBase, RegisteredVersion
+
+# The file MLflow logs as the model's code, found without importing it (importing it sets MLflow's model).
+MODEL_CODE = importlib.util.find_spec("loraflow.registry.pyfunc_model").origin
+
+# Shown in the MLflow UI, and run once through the loaded model when the version is logged, so a
+# version that cannot serve is never registered.
+EXAMPLE_PROMPT = 'Define the noun "friendship".'
 
 # What a serving environment needs to load the pyfunc (the loraflow package itself included).
 PIP_REQUIREMENTS = [
@@ -42,7 +50,6 @@ def register(
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from loraflow.registry.serving import AdapterModel
 
     client = MlflowClient(tracking_uri=tracking_uri)
     _ensure_registered_model(client, cfg.model_name)
@@ -55,7 +62,8 @@ def register(
     with mlflow.start_run(run_id=lineage.mlflow_run_id):
         info = mlflow.pyfunc.log_model(
             name="adapter",
-            python_model=AdapterModel(),
+            python_model=MODEL_CODE,
+            input_example=[EXAMPLE_PROMPT],
             artifacts={"adapter": adapter.path},
             model_config={
                 "base_model": base.base.name,

@@ -11,6 +11,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+from loraflow.noise import silence_known_noise  # noqa: E402  (after the environment above)
+
+silence_known_noise()  # what the entry points silence, the suite silences too: nothing else is hidden
+
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where CUDA is available (the lent H200 machine, never CI)."""

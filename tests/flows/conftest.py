@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from loraflow.stack.services import down, status, up
+from tests.stack.test_stack import settings
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "instructions_small.jsonl"
 MODEL_NAME = "tiny-wordnet"
@@ -68,3 +73,34 @@ def deployed_stack(local_stack):
     result = cli(local_stack, "up")
     assert result.returncode == 0, result.stderr
     return local_stack
+
+
+@pytest.fixture
+def own_stack(tmp_path):
+    s = settings(tmp_path / "home")
+    try:
+        up(s, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "up"], env=cli_env(s), capture_output=True)
+        assert done.returncode == 0, done.stderr
+        yield s
+    finally:
+        down(s)
+
+
+def crash_mlflow(s) -> None:
+    """SIGKILL the whole MLflow server (its process group: the CLI process and the uvicorn worker), so that
+    nothing answers on its port until `up` starts it again."""
+    os.killpg(status(s)["mlflow"].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _answers(s.mlflow_url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _answers(s.mlflow_url), "the MLflow server still answers after SIGKILL"
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False

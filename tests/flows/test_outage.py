@@ -5,8 +5,6 @@ python -m pytest tests/flows/test_outage.py -q      # ~3 min on 2 cores
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,43 +12,11 @@ import time
 import pytest
 import yaml
 
-from loraflow.stack.services import down, status, up
+from loraflow.stack.services import up
 from loraflow.tracking import EventReader
-from tests.flows.conftest import FIXTURE, cli_env, write_config
-from tests.stack.test_stack import settings
+from tests.flows.conftest import FIXTURE, cli_env, crash_mlflow, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def own_stack(tmp_path):
-    s = settings(tmp_path / "home")
-    try:
-        up(s, timeout=120)
-        done = subprocess.run([sys.executable, "-m", "flows.cli", "up"], env=cli_env(s), capture_output=True)
-        assert done.returncode == 0, done.stderr
-        yield s
-    finally:
-        down(s)
-
-
-def crash_mlflow(s) -> None:
-    """SIGKILL the whole MLflow server (its process group: the CLI process and the uvicorn worker), so that
-    nothing answers on its port until `up` starts it again."""
-    os.killpg(status(s)["mlflow"].pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while _answers(s.mlflow_url) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _answers(s.mlflow_url), "the MLflow server still answers after SIGKILL"
-
-
-def _answers(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def steps(reader: EventReader, seen: list[int]) -> int:

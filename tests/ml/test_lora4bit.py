@@ -17,12 +17,6 @@ from loraflow.ml.models import (
 from loraflow.ml.training import prepare_for_training
 from tests.conftest import LORA
 
-# transformers 5 renames its gradient-checkpointing API; peft and train.py still use the old names.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"),
-]
-
 
 def fused_vs_peft(path: str, device: str) -> tuple[int, float, float, dict[str, float]]:
     """Loss and LoRA gradients of the same adapter with peft's LoRA layers and with the fused ones

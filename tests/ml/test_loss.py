@@ -15,13 +15,6 @@ from tests.conftest import (
     records_batch,
 )
 
-# transformers 5 renames its gradient-checkpointing API; peft and train.py still use the old names.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"),
-]
-
-
 # --- the chunked response-token loss ---
 
 

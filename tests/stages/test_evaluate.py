@@ -21,13 +21,6 @@ from tests.conftest import (
 )
 from tests.stages.conftest import TRAIN
 
-# transformers 5 renames its gradient-checkpointing API; peft and train.py still use the old names.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"),
-]
-
-
 # --- evaluate ---
 
 EVAL = EvalConfig(batch_size=4, max_new_tokens=8, generation_rows=3)

@@ -26,13 +26,6 @@ from tests.conftest import (
     torch_threads,
 )
 
-# transformers 5 renames its gradient-checkpointing API; peft and train.py still use the old names.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"),
-]
-
-
 # --- merge ---
 
 

@@ -21,13 +21,6 @@ from tests.conftest import (
 )
 from tests.stages.conftest import TRAIN, lora_on_fresh_base, loss_curve, step_loss, training_batches
 
-# transformers 5 renames its gradient-checkpointing API; peft and train.py still use the old names.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"),
-]
-
-
 # --- train ---
 
 

@@ -1,0 +1,179 @@
+"""A month of nightly retraining on a stack of its own, some nights killed on purpose: what it leaves behind.
+
+    python -m pytest tests/flows/test_month.py -q -s        # prints the month's report
+
+Every night the dataset grows by a row (so each night trains anew), `loraflow run` submits the
+finetune deployment with the promotion gate on, and the retention window is 4 runs. On some nights
+something is killed: the trainer (the run resumes), the CLI (the run goes on without it), the MLflow
+server (the run waits for it), the finetune flow's own process (the run crashes; the next command
+closes what it left open). At the end nothing may be left RUNNING in MLflow or Prefect, the home's
+disk must have stopped growing once the retention window filled, and the champion with its lineage
+must be intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.sorting import FlowRunSort
+
+from loraflow import tags as T
+from loraflow.stack.services import prefect_client, up
+from loraflow.tracking import EventReader
+from tests.flows.conftest import FIXTURE, cli_env, crash_mlflow, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NIGHTS = int(os.environ.get("LORAFLOW_MONTH_NIGHTS", "30"))
+KEEP_RUNS = 4
+KILL_TRAINER, KILL_CLI, KILL_MLFLOW, KILL_FLOW = 6, 12, 18, 24  # the nights when something is killed
+NAME = "tiny-nightly"
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def night_config(tmp_path: Path, base: Path, night: int) -> Path:
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    rows += [
+        {"instruction": f"Define night {i}.", "input": "", "output": f"The night numbered {i}."} for i in range(night)
+    ]
+    data = tmp_path / "data" / "nightly.jsonl"
+    data.parent.mkdir(exist_ok=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(tmp_path / "nightly.yaml", base, data, model_name=NAME)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"].update(max_steps=6, checkpoint_every=2)
+    cfg["promotion"] = {"enabled": True, "min_improvement": {"loss": 0.0}, "max_regression": {"rouge_l": 1.0}}
+    cfg["retention"] = {"keep_runs": KEEP_RUNS, "keep_merged": 1}
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def newest_events(home: Path, before: set[Path]) -> Path | None:
+    new = [p for p in (home / "runs").glob("*/train/events.jsonl") if p.parent.parent not in before]
+    return new[0] if new else None
+
+
+def test_a_month_of_nightly_runs(own_stack, tiny_base, tmp_path):
+    from mlflow import MlflowClient
+
+    s = own_stack
+    env = cli_env(s)
+    disk, outcomes = [], []
+    started = time.monotonic()
+    for night in range(1, NIGHTS + 1):
+        config = night_config(tmp_path, tiny_base, night)
+        before = set((s.home / "runs").glob("*")) if (s.home / "runs").exists() else set()
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", str(config)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if night in (KILL_TRAINER, KILL_MLFLOW):
+            events = wait_for(lambda b=before: newest_events(s.home, b), 600, f"night {night}'s trainer")
+            reader = EventReader(events)
+            trainer = wait_for(lambda r=reader: next((e for e in r.new() if e["kind"] == "started"), None), 300, "pid")
+            if night == KILL_TRAINER:
+                os.kill(trainer["pid"], signal.SIGKILL)
+            else:
+                crash_mlflow(s)
+                time.sleep(5)
+                up(s, timeout=120)
+        if night == KILL_CLI:
+            wait_for(lambda b=before: newest_events(s.home, b), 600, f"night {night}'s training")
+            cli.kill()  # the run goes on without the command that started it
+            cli.wait()
+            with prefect_client(s) as c:
+                (run,) = c.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["finetune"])),
+                    sort=FlowRunSort.START_TIME_DESC,
+                    limit=1,
+                )
+            wait_for(lambda r=run: _final(s, r.id), 900, "the detached run to finish")
+            outcomes.append((night, "CLI killed", _final(s, run.id)))
+        else:
+            if night == KILL_FLOW:
+                events = wait_for(lambda b=before: newest_events(s.home, b), 600, "training")
+                engine = wait_for(lambda ev=events: _engine_of(ev.parent.parent), 300, "the finetune flow's process")
+                engine.kill()
+            out, _ = cli.communicate(timeout=1200)
+            outcomes.append((night, "killed flow" if night == KILL_FLOW else "ok", cli.returncode))
+            if night != KILL_FLOW:
+                assert cli.returncode == 0, f"night {night}:\n{out[-4000:]}"
+        disk.append(du(s.home))
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "status"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    wall = time.monotonic() - started
+
+    client = MlflowClient(tracking_uri=s.mlflow_url)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000)
+    assert [(r.info.run_name, r.info.run_id) for r in running] == []
+    with prefect_client(s) as c:
+        flow_runs = c.read_flow_runs(limit=500)
+    assert [r.name for r in flow_runs if r.state and not r.state.is_final() and not r.state.is_scheduled()] == []
+
+    # Disk: flat once the retention window has filled (the first nights also build the caches).
+    window = disk[KEEP_RUNS + 2 :]
+    assert max(window) <= 1.15 * min(window), [round(d / 2**20, 1) for d in disk]
+
+    aliases = client.get_registered_model(NAME).aliases
+    champion = client.get_model_version(NAME, aliases["champion"])
+    assert all(champion.tags.get(t) for t in T.REQUIRED_LINEAGE)
+    merged = Path(champion.tags[T.MERGED_PATH])
+    assert (merged / "config.json").is_file(), "retention removed what the champion needs"
+    history = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "history", NAME, "--json"], env=env, capture_output=True, text=True
+    )
+    assert history.returncode == 0 and json.loads(history.stdout)["aliases"]["champion"] == champion.version
+    versions = len(client.search_model_versions(f"name='{NAME}'"))
+    print(
+        f"\nmonth: {NIGHTS} nights in {wall / 60:.1f} min; outcomes {outcomes}; LORAFLOW_HOME after each night (MB): "
+        f"{[round(d / 2**20, 1) for d in disk]}; champion version {champion.version}; "
+        f"{versions} versions registered"
+    )
+
+
+def _final(s, flow_run_id):
+    with prefect_client(s) as c:
+        state = c.read_flow_run(flow_run_id).state
+    return state.name if state is not None and state.is_final() else None
+
+
+def _engine_of(run_dir: Path) -> psutil.Process | None:
+    """The process of the finetune flow run that owns ``run_dir`` (its name ends with the flow run id's head)."""
+    head = run_dir.name.rsplit("-", 1)[-1]
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "prefect.engine" in " ".join(p.info["cmdline"] or []) and p.environ().get(
+                "PREFECT__FLOW_RUN_ID", ""
+            ).startswith(head):
+                return p
+        except psutil.Error:
+            continue
+    return None
