@@ -18,7 +18,7 @@ import httpx
 
 from loraflow import tags as T
 from loraflow.config import PipelineConfig
-from loraflow.data.contracts import load_contract
+from loraflow.data.contracts import read_meta
 from loraflow.data.files import check_source
 from loraflow.errors import LoraflowError, StackError, UsageError
 from loraflow.ml.paths import resolve_model_path
@@ -57,13 +57,13 @@ def raise_if_any(problems: list[Problem]) -> None:
 
 def _data(config: PipelineConfig) -> list[Problem]:
     try:
-        contract = load_contract(config.data.contract)
+        meta = read_meta(config.data.contract)
         check_source(
             Path(config.data.path),
             config.data.format,
             config.data.allowed_roots,
-            contract.max_file_bytes,
-            contract.meta["format"].get("accepted"),
+            int(meta["format"]["max_file_mb"] * 2**20),
+            meta["format"].get("accepted"),
         )
     except LoraflowError as e:
         return [Problem(str(e), isinstance(e, UsageError))]
@@ -117,11 +117,11 @@ def _disk(config: PipelineConfig, home: Path) -> list[Problem]:
 
 
 def _mlflow(config: PipelineConfig, tracking_uri: str) -> list[Problem]:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     if not tracking_uri.startswith(("http://", "https://")):
         return []
+    from mlflow import MlflowClient  # ~1 s to import: only when there is a server to ask
+    from mlflow.exceptions import MlflowException
+
     try:
         client = MlflowClient(tracking_uri=tracking_uri)
         exp = client.get_experiment_by_name(config.tracking.experiment)

@@ -62,9 +62,27 @@ def _crashed_flow_runs(prefect) -> list[Closed]:
     for run in running:
         if _process_gone(run.infrastructure_pid):
             why = f"its process ({run.infrastructure_pid}) is gone; marked by loraflow's reconciliation"
-            prefect.set_flow_run_state(run.id, Crashed(message=why), force=True)
-            closed.append(Closed("prefect flow run", str(run.id), why))
+        elif (
+            run.infrastructure_pid is None and (parent := _parent_state(prefect, run)) is not None and parent.is_final()
+        ):
+            why = f"it ran inside a flow run that ended {parent.name}; marked by loraflow's reconciliation"
+        else:
+            continue
+        prefect.set_flow_run_state(run.id, Crashed(message=why), force=True)
+        closed.append(Closed("prefect flow run", str(run.id), why))
     return closed
+
+
+def _ended(state) -> bool:
+    return state is not None and state.is_final()
+
+
+def _parent_state(prefect, run):
+    """The state of the flow run that a subflow run ran inside (None for a top-level run)."""
+    if run.parent_task_run_id is None:
+        return None
+    task_run = prefect.read_task_run(run.parent_task_run_id)
+    return prefect.read_flow_run(task_run.flow_run_id).state if task_run.flow_run_id else None
 
 
 def _orphaned_mlflow_runs(prefect, mlflow) -> list[Closed]:

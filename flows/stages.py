@@ -29,10 +29,18 @@ from loraflow.tracking import MlflowTracker, Tracker, stage_run
 
 @task(name="preflight", cache_policy=NO_CACHE)
 def preflight_stage(config: PipelineConfig, home: Path, tracking_uri: str) -> None:
-    """Fail in seconds, with every problem listed, before any heavy work (flows/preflight.py)."""
+    """Fail in seconds, with every problem listed, before any heavy work (flows/preflight.py); then close what
+    crashed attempts left open (flows/reconcile.py): a scheduled run is often the next to notice them."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
     from flows.preflight import preflight, raise_if_any
+    from flows.reconcile import reconcile
 
     raise_if_any(preflight(config, home, tracking_uri))
+    with get_client(sync_client=True) as prefect:
+        for closed in reconcile(prefect, MlflowClient(tracking_uri=tracking_uri)):
+            print(f"closed {closed.what} {closed.id}: {closed.why}")
 
 
 @task(name="base-model", cache_policy=NO_CACHE)

@@ -14,6 +14,7 @@ from prefect import flow
 
 from flows.bookkeeping import entry_point
 from flows.stages import train_attempt
+from flows.trainer import retry_if_crashed
 from loraflow.config import PipelineConfig
 from loraflow.errors import StageError
 from loraflow.records import Adapter, QuantizedBase, ValidatedData
@@ -44,7 +45,9 @@ def train_flow(
     run = Path(run_dir)
     with stage_run(MlflowTracker(tracking_uri, parent_run_id), "train") as child:
         tracker = BufferedTracker(child)
-        attempt = train_attempt.with_options(retries=config.train.retries, retry_delay_seconds=RETRY_DELAY_S)
+        attempt = train_attempt.with_options(
+            retries=config.train.retries, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_if_crashed
+        )
         adapter = attempt(config, base, data, run, Path(checkpoint_dir) if checkpoint_dir else None, tracker)
         if checkpoint_dir:  # before anything that needs MLflow: a later run reuses it instead of training again
             adapter.save(Path(checkpoint_dir).parent / FINISHED_RECORD)

@@ -24,10 +24,18 @@ from loraflow.config import PipelineConfig
 from loraflow.errors import StageError
 from loraflow.records import Adapter, QuantizedBase, ValidatedData, load_record
 from loraflow.tracking import EventReader, Tracker, replay
-from tasks.train import TrainRequest
 
 POLL_S = 0.5
 PROGRESS_EVERY_S = 10.0  # a progress line at least this often, and on every 5% of the steps
+
+
+class TrainerCrashed(StageError):
+    """The trainer process died (killed, OOM, a bug): another attempt resumes from the newest checkpoint."""
+
+
+def retry_if_crashed(task, task_run, state) -> bool:
+    """Prefect's retry condition for an attempt: retry a crash, not a refusal (bad data or config)."""
+    return isinstance(state.result(raise_on_failure=False), TrainerCrashed)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -41,6 +49,7 @@ class Progress:
 
     log: Path
     last_step: int = 0
+    refusal: str | None = None  # the trainer's message when it refused the run
     steps: int = 0
     _printed_at: float = field(default=0.0)
     _seconds: list[float] = field(default_factory=list)
@@ -70,6 +79,7 @@ def run_attempt(
     attempt: int,
 ) -> Adapter:
     """Run the trainer once and return its adapter; raise StageError when the process fails or is killed."""
+    from tasks.train import REFUSED, TrainRequest  # torch and peft: imported where training happens
     folder = run_dir / "train"
     folder.mkdir(parents=True, exist_ok=True)
     request = TrainRequest(
@@ -101,10 +111,12 @@ def run_attempt(
         proc.kill()
         proc.wait()
         raise
+    if code == REFUSED:
+        raise StageError(progress.refusal or f"the trainer refused the run; its output: {log}")
     if code != 0 or not result.is_file():
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         resume = f"; the next attempt resumes from the newest checkpoint in {checkpoint_dir}" if checkpoint_dir else ""
-        raise StageError(
+        raise TrainerCrashed(
             f"the trainer (attempt {attempt}, pid {proc.pid}) {how} after step {progress.last_step}{resume}. "
             f"Its output: {log}\n{_tail(log)}"
         )
@@ -117,6 +129,8 @@ def _handle(e: dict, tracker: Tracker, progress: Progress, attempt: int) -> None
         print(f"trainer started (attempt {attempt}, pid {e['pid']}); its output: {progress.log}")
     elif kind == "step":
         progress.step(e)
+    elif kind == "refused":
+        progress.refusal = e["message"]
     elif kind == "tags" and T.RESUMED_FROM in e["tags"]:
         print(f"resuming from {e['tags'][T.RESUMED_FROM]}")
     replay(e, tracker)

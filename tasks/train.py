@@ -28,7 +28,7 @@ import torch
 
 from loraflow import tags as T
 from loraflow.config import LoraConfig, TrainConfig
-from loraflow.errors import DataError
+from loraflow.errors import DataError, LoraflowError
 from loraflow.hashing import sha256_dir, sha256_file
 from loraflow.ml import checkpoints
 from loraflow.ml.batching import packed_rows_per_epoch
@@ -131,6 +131,9 @@ def _resumable(folder: Path, key: str, cfg: TrainConfig, tracker: Tracker) -> ch
     return found
 
 
+REFUSED = 3  # the trainer's exit code when it refuses the run (a LoraflowError): not worth another attempt
+
+
 class TrainRequest(Record):
     """Everything the trainer process needs (the train flow writes it, ``python -m tasks.train`` reads it)."""
 
@@ -148,16 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     request = load_record(TrainRequest, Path(request_path))
     events = EventLog(Path(events_path))
     events.event("started", pid=os.getpid())
-    adapter = train(
-        request.base,
-        request.data,
-        request.lora,
-        request.train,
-        Path(request.run_dir),
-        events,
-        Path(request.checkpoint_dir) if request.checkpoint_dir else None,
-        on_step=lambda s: events.event("step", **dataclasses.asdict(s)),
-    )
+    try:
+        adapter = train(
+            request.base,
+            request.data,
+            request.lora,
+            request.train,
+            Path(request.run_dir),
+            events,
+            Path(request.checkpoint_dir) if request.checkpoint_dir else None,
+            on_step=lambda s: events.event("step", **dataclasses.asdict(s)),
+        )
+    except LoraflowError as e:  # the data or the config: another attempt would fail the same way
+        events.event("refused", message=str(e), error=type(e).__name__)
+        return REFUSED
     adapter.save(Path(result_path))
     events.event("finished", steps=adapter.steps)
     return 0

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from loraflow.stack.settings import OFFLINE_AND_QUIET  # noqa: E402  (no third-party import before it)
 
-from loraflow.noise import silence_known_noise  # noqa: E402  (after the environment above)
+for _key, _value in OFFLINE_AND_QUIET.items():  # as the CLI and every process of the stack
+    os.environ.setdefault(_key, _value)
+
+from loraflow.noise import silence_known_noise  # noqa: E402
 
 silence_known_noise()  # what the entry points silence, the suite silences too: nothing else is hidden
 

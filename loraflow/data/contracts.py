@@ -110,10 +110,10 @@ def available_contracts(contracts_dir: Path = DEFAULT_CONTRACTS_DIR) -> list[str
     return sorted(p.parent.name for p in contracts_dir.glob("*/contract.yaml"))
 
 
-def load_contract(name: str, contracts_dir: Path = DEFAULT_CONTRACTS_DIR) -> Contract:
-    """Load and check a contract; raise UsageError if it is missing, invalid or lost expectations."""
-    folder = contracts_dir / name
-    meta_path, suite_path = folder / "contract.yaml", folder / "suite.json"
+def read_meta(name: str, contracts_dir: Path = DEFAULT_CONTRACTS_DIR) -> dict[str, Any]:
+    """A contract's checked contract.yaml, without building its suite (no Great Expectations import: the
+    CLI's preflight uses it); raise UsageError if the contract is unknown or its metadata invalid."""
+    meta_path = contracts_dir / name / "contract.yaml"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or not meta_path.is_file():
         names = ", ".join(available_contracts(contracts_dir)) or "none"
         raise UsageError(f"unknown data contract {name!r} in {contracts_dir}; available: {names}")
@@ -124,6 +124,14 @@ def load_contract(name: str, contracts_dir: Path = DEFAULT_CONTRACTS_DIR) -> Con
     problems = _check_meta(meta, name)
     if problems:
         raise UsageError(f"contract {meta_path} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+    return meta
+
+
+def load_contract(name: str, contracts_dir: Path = DEFAULT_CONTRACTS_DIR) -> Contract:
+    """Load and check a contract; raise UsageError if it is missing, invalid or lost expectations."""
+    folder = contracts_dir / name
+    suite_path = folder / "suite.json"
+    meta = read_meta(name, contracts_dir)
     if meta.get("suite", "suite.json") != "suite.json" or not suite_path.is_file():
         raise UsageError(f"contract {name!r} has no expectation suite at {suite_path}")
     try:
