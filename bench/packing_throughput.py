@@ -291,9 +291,8 @@ def table(results: list[Result]) -> str:
         dloss = max(abs(a - b) for a, b in zip(r.losses, base.losses, strict=True))
         flag = "" if dloss <= LOSS_TOLERANCE else f" (over {LOSS_TOLERANCE}: differs)"
         ratios = " | ".join(f"{r.tokens_per_s / o.tokens_per_s:.2f}" for o in ok)
-        lines.append(
-            f"| {r.variant} | {r.tokens_per_s:,.0f} | {r.peak_gb:.1f} | {r.reserved_gb:.1f} | {dloss:.4f}{flag} | {ratios} |"
-        )
+        memory = f"{r.peak_gb:.1f} | {r.reserved_gb:.1f}"
+        lines.append(f"| {r.variant} | {r.tokens_per_s:,.0f} | {memory} | {dloss:.4f}{flag} | {ratios} |")
     return "\n".join(lines)
 
 
