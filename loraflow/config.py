@@ -125,6 +125,7 @@ class LoraConfig(_Section):
 
 
 CompileMode = Literal["auto", "on", "off"]
+AttentionMode = Literal["auto", "sdpa", "flex"]
 # TrainConfig fields that do not change what a run computes: changing them keeps its checkpoints and cache.
 RUN_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "retries", "resume_across_versions", "log_every")
 
@@ -152,6 +153,9 @@ class TrainConfig(_Section):
     compile: CompileMode = Field("auto", description="torch.compile each decoder layer; 'auto': on a GPU only.")
     packing: bool = Field(
         False, description="Pack several examples into each row of max_seq_length tokens; batch_size counts rows."
+    )
+    attention: AttentionMode = Field(
+        "auto", description="Packed rows' attention: 'flex' document mask, 'sdpa' dense mask; 'auto': flex on a GPU."
     )
     seed: int = Field(0, description="Seed for adapter init, dropout and data order.")
     checkpoint_every: int | None = Field(

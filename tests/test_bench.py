@@ -95,3 +95,43 @@ def test_eval_generation_small():
     # min_new_tokens = max_new_tokens: every prompt gets exactly 4 new tokens in both methods.
     assert [len(o) for o in result["outputs"][0]] == [len(o) for o in result["outputs"][1]] == [4] * 4
     assert all(r["new_tokens"] == 16 for r in runs)
+
+
+def test_packing_throughput_small():
+    """The packing benchmark's CPU smoke size: every layout trains on the same examples in its own process
+    and reports real-token throughput; FlexAttention (no CPU backward) and a missing Unsloth are reported."""
+    spec = importlib.util.spec_from_file_location("packing_throughput", BENCH.parent / "packing_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    variants = ["loraflow:packed-sdpa", "loraflow:packed-flex", "loraflow:padded", "plain:flatten", "unsloth:flatten"]
+    size = ["--shape", "tiny", "--seq", "64", "--batch", "2", "--steps", "2", "--warmup", "1", "--examples", "200"]
+    modes = ["--loraflow-mode", "lean", "--plain-mode", "bf16"]
+    results = {r["variant"]: r for r in module.main([*size, *modes, "--variants", *variants])["results"]}
+    assert list(results) == variants
+    sdpa, flex, padded, flat, unsloth = results.values()
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 and len(r["losses"]) == 3 for r in (sdpa, padded, flat))
+    assert max(abs(a - b) for a, b in zip(sdpa["losses"], padded["losses"], strict=True)) < module.LOSS_TOLERANCE
+    assert flex["error"].startswith(
+        "not available"
+    )  # no CUDA here (the test suite's GPU runs skip this file's CPU size)
+    if importlib.util.find_spec("unsloth") is None:
+        assert unsloth["error"].startswith("not importable")
+    # the example lengths: every dataset's mean shows in the draw (within a factor of two)
+    lengths = module.lengths(4000, 10**6)
+    for i, (prompt_mean, response_mean) in enumerate(module.DATASETS.values()):
+        mine = lengths[i::4]
+        assert prompt_mean / 2 < sum(p for p, _ in mine) / len(mine) < prompt_mean * 2
+        assert response_mean / 2 < sum(r for _, r in mine) / len(mine) < response_mean * 2
+
+
+def test_packing_throughput_long_context_small():
+    """--long-context on the CPU: each length in its own process, the longest within each budget reported."""
+    spec = importlib.util.spec_from_file_location("packing_throughput", BENCH.parent / "packing_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    args = ["--shape", "tiny", "--long-context", "--long-variants", "loraflow:long", "--lengths", "32", "64"]
+    summary = module.main([*args, "--steps", "1", "--warmup", "1", "--loraflow-mode", "lean", "--budgets", "1"])
+    assert [(r["variant"], r["batch"]) for r in summary["results"]] == [("loraflow:long", 32), ("loraflow:long", 64)]
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in summary["results"])

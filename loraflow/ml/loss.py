@@ -7,9 +7,12 @@ goes: the full fp32 logits of a 4 x 2048 batch are 4.2 GB.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.utils.checkpoint
 
+from loraflow.ml.attention import document_block_mask, uses_flex
 from loraflow.ml.prompts import IGNORE_INDEX
 
 # Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
@@ -30,8 +33,9 @@ def token_loss_sum(
     the backward pass. ``chunk_tokens=None`` is the reference path through the full logits.
 
     A packed batch (``loraflow.ml.batching.pack``) carries ``position_ids`` that restart at 0 for
-    every example and no attention mask: transformers then builds a block-diagonal causal mask
-    from them, so packed examples never attend to each other.
+    every example and no attention mask: with SDPA, transformers then builds a block-diagonal causal
+    mask from them; with FlexAttention (``loraflow.ml.attention``), the batch gets a document-causal
+    block mask. Either way packed examples never attend to each other.
     """
     # Which positions are scored is worked out where the labels are (the host, for the stages'
     # batches): no GPU synchronisation for the token count or the selection.
@@ -39,9 +43,10 @@ def token_loss_sum(
     selected = targets != IGNORE_INDEX
     n_tokens = int(selected.sum())
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flex = uses_flex(causal_lm)
     if chunk_tokens is None or causal_lm.config.model_type not in PLAIN_HEAD_MODELS:
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        logits = model(**model_inputs(batch)).logits[:, :-1].float()
+        logits = model(**model_inputs(batch, flex)).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)),
             batch["labels"][:, 1:].reshape(-1),
@@ -54,7 +59,7 @@ def token_loss_sum(
     labels = targets[rows, cols].to(model.device, non_blocking=True)
     positions = positions.to(model.device, non_blocking=True)
     batch = {k: v.to(model.device, non_blocking=True) for k, v in batch.items()}
-    hidden = causal_lm.get_decoder()(**model_inputs(batch)).last_hidden_state
+    hidden = causal_lm.get_decoder()(**model_inputs(batch, flex)).last_hidden_state
     hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, positions)  # (labelled tokens, hidden)
     head = causal_lm.get_output_embeddings()
     if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
@@ -67,11 +72,14 @@ def token_loss_sum(
     return loss, n_tokens
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
-    """The forward arguments of a padded batch (attention mask) or a packed one (position ids)."""
-    inputs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"], "use_cache": False}
+def model_inputs(batch: dict[str, torch.Tensor], flex: bool = False) -> dict[str, Any]:
+    """The forward arguments of a padded batch (attention mask) or a packed one (position ids; with
+    ``flex``, for a model on FlexAttention, also its document-causal block mask)."""
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
+        if flex:  # a 4-D mask: transformers passes it to the attention as it is
+            inputs["attention_mask"] = document_block_mask(batch["position_ids"])
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     return inputs

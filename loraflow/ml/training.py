@@ -21,6 +21,7 @@ from transformers import get_scheduler
 
 from loraflow.config import CompileMode, LoraConfig, TrainConfig
 from loraflow.ml import checkpoints
+from loraflow.ml.attention import resolve_attention, set_attention
 from loraflow.ml.batching import collate, collate_packed, micro_batches, packed_micro_batches, packed_rows_per_epoch
 from loraflow.ml.lora4bit import fuse_lora_4bit
 from loraflow.ml.loss import token_loss_sum
@@ -125,6 +126,7 @@ def fit(
         units = packed_rows_per_epoch(examples, cfg.max_seq_length, cfg.seed)
         stream = packed_micro_batches(examples, cfg.batch_size, cfg.max_seq_length, cfg.seed)
         batch_of = collate_packed
+        set_attention(model, resolve_attention(cfg.attention, model.device))  # flex on a GPU: no dense mask
     else:
         units = len(examples)
         stream = micro_batches(examples, cfg.batch_size, cfg.seed)

@@ -7,6 +7,14 @@ import torch
 from peft import get_peft_model
 
 from loraflow.config import LoraConfig
+from loraflow.errors import UsageError
+from loraflow.ml.attention import (
+    document_block_mask,
+    document_ids,
+    resolve_attention,
+    set_attention,
+    uses_flex,
+)
 from loraflow.ml.batching import collate, collate_packed, pack, packed_micro_batches, packed_rows_per_epoch
 from loraflow.ml.examples import encode_all
 from loraflow.ml.loss import token_loss_sum
@@ -48,16 +56,31 @@ def test_collate_packed_restarts_positions_and_ignores_boundaries(examples) -> N
     assert batch["position_ids"][1, n] == 0 and (batch["labels"][1, n:] == IGNORE_INDEX).all()
 
 
-def test_packed_loss_and_gradients_equal_the_unpacked_ones(tiny_quantized, examples) -> None:
-    """The block-diagonal mask from the position ids keeps packed examples apart: same sum of
-    losses, same number of tokens and the same adapter gradients as the padded batch (fp32)."""
-    encoded, pad = examples
+# FlexAttention has no backward pass on a CPU (torch 2.13: "FlexAttention does not support backward
+# on CPU"), so its gradient test runs where CUDA is; its forward is checked on the CPU below.
+ATTENTIONS = ["sdpa", pytest.param("flex", marks=pytest.mark.gpu)]
+# fp32 throughout; FlexAttention's kernel sums in another order than SDPA's: a looser bound for it.
+TOLERANCE = {"sdpa": 1e-5, "flex": 1e-4}
+
+
+def _lora_model(tiny_quantized):
     torch.manual_seed(0)
     base = load_quantized(tiny_quantized.path, compute_dtype="float32")
     cfg = peft_config(LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
     cfg.init_lora_weights = False  # random B as well as A: every LoRA weight gets a gradient
     model = get_peft_model(base, cfg)
     model.train()
+    return model
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_packed_loss_and_gradients_equal_the_unpacked_ones(tiny_quantized, examples, attention) -> None:
+    """The document mask keeps packed examples apart: same sum of losses, same number of tokens and
+    the same adapter gradients as the padded batch (fp32). ``sdpa``: the dense block-diagonal mask that
+    transformers builds from the restarting position ids; ``flex``: loraflow's document-causal
+    FlexAttention block mask (loraflow/ml/attention.py). The padded reference runs on SDPA."""
+    encoded, pad = examples
+    model = _lora_model(tiny_quantized)
 
     def loss_and_grads(batch):
         model.zero_grad(set_to_none=True)
@@ -70,17 +93,61 @@ def test_packed_loss_and_gradients_equal_the_unpacked_ones(tiny_quantized, examp
     padded = collate(encoded[:4], pad)
     padded["labels"][:, 0] = IGNORE_INDEX
     loss_a, n_a, grads_a = loss_and_grads(padded)
+    set_attention(model, attention)
+    assert uses_flex(model) == (attention == "flex")
     loss_b, n_b, grads_b = loss_and_grads(collate_packed([encoded[:2], encoded[2:4]], pad))
+    tol = TOLERANCE[attention]
     assert n_a == n_b
-    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert loss_b == pytest.approx(loss_a, rel=tol)
     for name, g in grads_a.items():
-        torch.testing.assert_close(grads_b[name], g, rtol=0, atol=1e-5 * g.abs().max().item(), msg=name)
+        torch.testing.assert_close(grads_b[name], g, rtol=0, atol=tol * g.abs().max().item(), msg=name)
 
     # Control: the same packed rows with one plain causal mask let examples see each other.
+    set_attention(model, "sdpa")
     leaky = collate_packed([encoded[:2], encoded[2:4]], pad)
     del leaky["position_ids"]
     loss_c, _, _ = loss_and_grads(leaky)
     assert abs(loss_c - loss_a) > 100 * abs(loss_b - loss_a) + 1e-3
+
+
+def test_flex_forward_on_cpu_equals_the_dense_mask(tiny_quantized, examples) -> None:
+    """Where FlexAttention cannot train (a CPU), its forward pass still runs: the packed loss through
+    the document block mask equals the one through transformers' dense mask, and the padded one."""
+    encoded, pad = examples
+    model = _lora_model(tiny_quantized)
+    padded = collate(encoded[:4], pad)
+    padded["labels"][:, 0] = IGNORE_INDEX
+    packed = collate_packed([encoded[:2], encoded[2:4]], pad)
+    with torch.no_grad():
+        reference, _ = token_loss_sum(model, padded)
+        dense, _ = token_loss_sum(model, packed)
+        set_attention(model, "flex")
+        flex, _ = token_loss_sum(model, packed)
+    assert dense.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert flex.item() == pytest.approx(reference.item(), rel=1e-4)
+
+
+def test_document_block_mask_is_causal_within_each_example() -> None:
+    """The block mask from restarting position ids: causal inside an example (trailing padding is
+    one of its own), nothing across examples."""
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1]])
+    assert document_ids(positions).tolist() == [[1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4]]
+    docs = document_ids(positions)[0]
+    expected = (docs[:, None] == docs[None, :]) & torch.ones(11, 11, dtype=torch.bool).tril()
+    dense = document_block_mask(positions).to_dense()  # (batch, heads, q blocks, kv blocks): one 128-token block
+    assert dense.shape[-2:] == (1, 1) and dense.sum() == 1
+    # the block mask keeps the mask function itself: evaluate it at every (q, kv) pair
+    mask_mod = document_block_mask(positions).mask_mod
+    q, kv = torch.meshgrid(torch.arange(11), torch.arange(11), indexing="ij")
+    got = mask_mod(torch.zeros_like(q), torch.zeros_like(q), q, kv)
+    assert torch.equal(got, expected)
+
+
+def test_resolve_attention() -> None:
+    assert resolve_attention("auto", "cpu") == "sdpa"
+    assert resolve_attention("sdpa", "cpu") == "sdpa"
+    with pytest.raises(UsageError, match="train.attention=flex cannot run on cpu.*no backward pass on a CPU"):
+        resolve_attention("flex", "cpu")
 
 
 def test_packed_stream_covers_each_epoch(examples) -> None:
