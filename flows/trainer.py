@@ -80,6 +80,7 @@ def run_attempt(
 ) -> Adapter:
     """Run the trainer once and return its adapter; raise StageError when the process fails or is killed."""
     from tasks.train import REFUSED, TrainRequest  # torch and peft: imported where training happens
+
     folder = run_dir / "train"
     folder.mkdir(parents=True, exist_ok=True)
     request = TrainRequest(

@@ -50,7 +50,6 @@ def register(
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-
     client = MlflowClient(tracking_uri=tracking_uri)
     _ensure_registered_model(client, cfg.model_name)
     existing = _registered_before(client, cfg.model_name, lineage.mlflow_run_id, adapter.digest)
