@@ -4,6 +4,8 @@
     python bench/train_throughput.py --shape 8b --seq 2048 --batch 4 --steps 17 --warmup 3
     python bench/train_throughput.py --shape 8b --budgets 8 24 80          # best tokens/s within each budget
     python bench/train_throughput.py --shape tiny --seq 32 --batch 2 --steps 2 --warmup 1   # CPU smoke
+    # the data-parallel path: each loraflow variant also through torchrun on N GPUs (N gloo CPU ranks without)
+    python bench/train_throughput.py --shape 8b --seq 2048 --batch 4 --variants loraflow:balanced --gpus 1
 
 A Llama of the given shape is built from config with random weights, saved, loaded through the
 real 4-bit path (bitsandbytes NF4 + double quantization, bf16 compute, as the quantize stage
@@ -27,6 +29,14 @@ every layer on the same random token batches from the same seed:
             `+noprefetch` (`lean`) copies each offloaded layer input back only when its layer's
             backward pass starts instead of during the backward pass of the layer after it,
             `+expandable` runs with PyTorch's expandable_segments allocator setting
+
+With --gpus N every loraflow variant runs a second time as ``<variant>@ddpN``: the script launches
+torchrun with N ranks itself (``python -m torch.distributed.run --nproc-per-node N --standalone``),
+and the ranks train as the train stage's data-parallel path does (loraflow/ml/distributed.py): each
+takes its share of the same global batch of --batch rows, the LoRA gradients are all-reduced, and
+the losses are normalised by the global token count, so the losses match the 1-process run's.
+Its tokens/s counts every rank's tokens; its peak memory is the largest rank's. With N=1 the ratio
+of the two rows is the cost of the distributed path itself; with N>1, the scaling.
 
 It prints tokens/s, peak GPU memory (allocated and reserved), the ratio to every other variant,
 and the largest difference of the first 20 losses against the first variant. With --budgets it
@@ -116,7 +126,7 @@ def build(shape: str, out: Path) -> Path:
     return out
 
 
-def load_4bit(path: Path):
+def load_4bit(path: Path, device: str | None = None):
     """Load a checkpoint through the stages' 4-bit path: quantize a full-precision one as the
     quantize stage does, or load a saved 4-bit one as train does (``loraflow.ml.models.load_quantized``)."""
     import torch
@@ -125,7 +135,7 @@ def load_4bit(path: Path):
     from loraflow.config import QuantConfig
     from loraflow.ml.models import bnb_config, disable_cpu_weight_repacking, load_quantized
 
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     if "quantization_config" in json.loads((path / "config.json").read_text()):
         return load_quantized(path, device=device)
     model = AutoModelForCausalLM.from_pretrained(
@@ -178,7 +188,7 @@ def batches(vocab: int, batch: int, seq: int, n: int) -> list:
 # --- one variant, in its own process ---
 
 
-def prepare(engine: str, mode: str, path: Path, seq: int):
+def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = None):
     """The model to train and a function batch -> mean loss, for one variant."""
     import torch
 
@@ -204,7 +214,7 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
             random_state=0,
         )
         return model, lambda b: model(**b).loss
-    model = load_4bit(path)
+    model = load_4bit(path, device)
     if engine == "plain":
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -250,20 +260,24 @@ def prepare(engine: str, mode: str, path: Path, seq: int):
     return model, step_loss
 
 
-def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warmup: int, profile: int = 0) -> Result:
+def run_variant(
+    variant: str, path: Path, batch: int, seq: int, steps: int, warmup: int, profile: int = 0, world=None
+) -> Result:
     import torch
 
-    engine, mode = variant.split(":", 1)
+    engine, mode = variant.split("@", 1)[0].split(":", 1)  # "@ddpN": the ranks are this process's world
     if "+expandable" in mode:  # read when the CUDA allocator starts, at the first allocation
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     cuda = torch.cuda.is_available()
-    model, step_loss = prepare(engine, mode, path, seq)
+    model, step_loss = prepare(engine, mode, path, seq, world.device if world else None)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.get_input_embeddings().weight.shape[0]
     device = model.get_input_embeddings().weight.device
     data = batches(vocab, batch, seq, warmup + steps)
+    if world is not None:
+        world.broadcast_params(params)
     if engine != "loraflow":  # the train stage takes host batches and moves them itself (loraflow/ml/loss.py)
         data = [{k: v.to(device) for k, v in b.items()} for b in data]
     if cuda:
@@ -275,8 +289,16 @@ def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warm
             if cuda:
                 torch.cuda.synchronize()
             start, tokens = time.perf_counter(), 0
-        loss = step_loss(b)
-        loss.backward()
+        if world is None:
+            loss = step_loss(b)
+            loss.backward()
+        else:  # this rank's rows, normalised by the global token count: the 1-process gradient, summed over ranks
+            mine = world.shard(b)
+            scale = int((mine["labels"][:, 1:] != -100).sum()) / int((b["labels"][:, 1:] != -100).sum())
+            loss = step_loss(mine) * scale
+            loss.backward()
+            world.all_reduce_grads(params)
+            loss = torch.tensor(world.sum(loss.item()))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())  # a sync point: every variant pays it
@@ -298,18 +320,28 @@ def run_variant(variant: str, path: Path, batch: int, seq: int, steps: int, warm
         print(prof.key_averages().table(sort_by=sort, row_limit=profile, max_name_column_width=90))
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
     reserved = torch.cuda.max_memory_reserved() / 1e9 if cuda else float("nan")
+    if world is not None:  # the largest rank's
+        peak, reserved = (max(x) for x in zip(*world.gather((peak, reserved)), strict=True))
     return Result(variant, batch, tokens / seconds, peak, reserved, losses)
 
 
 def worker(args: argparse.Namespace) -> None:
     engine = args.variant.split(":", 1)[0]
+    world = None
+    if "WORLD_SIZE" in os.environ:  # one rank of a `@ddpN` variant, started by torchrun (see spawn)
+        from loraflow.ml import distributed
+
+        env = os.environ
+        world = distributed.start(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
     try:
         if engine == "unsloth":
             import importlib.util
 
             if importlib.util.find_spec("unsloth") is None:
                 raise ModuleNotFoundError("unsloth is not installed")
-        result = run_variant(args.variant, args.model, args.batch, args.seq, args.steps, args.warmup, args.profile)
+        result = run_variant(
+            args.variant, args.model, args.batch, args.seq, args.steps, args.warmup, args.profile, world
+        )
     except Exception as e:  # reported as the variant's result: one failing variant must not end the table
         import torch
 
@@ -321,7 +353,10 @@ def worker(args: argparse.Namespace) -> None:
 
             traceback.print_exc()
         result = Result(args.variant, args.batch, error=error[:300])
-    args.out.write_text(json.dumps(asdict(result)))
+    if world is None or world.main:
+        args.out.write_text(json.dumps(asdict(result)))
+    if world is not None:
+        distributed.stop()
 
 
 # --- the side-by-side run ---
@@ -330,8 +365,12 @@ def worker(args: argparse.Namespace) -> None:
 def spawn(
     variant: str, model: Path, batch: int, seq: int, steps: int, warmup: int, tmp: Path, profile: int = 0
 ) -> Result:
-    out = tmp / f"{variant.replace(':', '-').replace('+', '_')}-{batch}.json"
+    out = tmp / f"{variant.replace(':', '-').replace('+', '_').replace('@', '_')}-{batch}.json"
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--model", str(model)]
+    if "@ddp" in variant:  # N ranks through torchrun, as the train flow launches the trainer (flows/trainer.py)
+        ranks = variant.rsplit("@ddp", 1)[1]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", ranks, "--standalone"]
+        cmd = [*torchrun, *cmd[1:]]
     cmd += ["--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
     cmd += ["--profile", str(profile)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -408,11 +447,22 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument(
         "--profile", type=int, default=0, metavar="N", help="profile two extra steps; the top N kernels go to the logs"
     )
+    ap.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="also run each loraflow variant on N torchrun ranks",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.gpus:
+        if args.batch < args.gpus:
+            ap.error(f"--gpus {args.gpus} splits --batch {args.batch} rows: give at least one row per rank")
+        ddp = [f"{v}@ddp{args.gpus}" for v in args.variants if v.startswith("loraflow:")]
+        args.variants = [*args.variants, *ddp]
     if args.worker:
         worker(args)
         return []

@@ -7,6 +7,11 @@ run, and the terminal that follows it), and turns the process's end into an Adap
 A killed trainer (SIGKILL, OOM) fails the attempt with the step it reached; Prefect retries the
 attempt, and the next trainer resumes from the newest checkpoint. The trainer dies with this
 process (``PR_SET_PDEATHSIG``), so a cancelled or crashed flow leaves no orphan training on.
+
+With ``train.distributed='ddp'`` the trainer is torchrun, which starts one rank per GPU of this
+machine (``train.gpus``, or every GPU it sees): the ranks die with torchrun as torchrun dies with
+this process, rank 0 writes the one event log this side follows, and the attempt's log holds every
+rank's output.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ def run_attempt(
     result.unlink(missing_ok=True)
     reader = EventReader(events, events.stat().st_size if events.exists() else 0)  # this attempt's lines only
     progress = Progress(log)
-    argv = [sys.executable, "-m", "tasks.train", str(request), str(events), str(result)]
+    argv = trainer_command(config, [str(request), str(events), str(result)])
     with log.open("wb") as out:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
@@ -124,10 +129,39 @@ def run_attempt(
     return load_record(Adapter, result)
 
 
+def trainer_command(config: PipelineConfig, args: list[str]) -> list[str]:
+    """The trainer's command line: ``python -m tasks.train ARGS``, under torchrun with one rank per GPU for 'ddp'."""
+    cfg = config.train
+    if cfg.distributed == "none":
+        return [sys.executable, "-m", "tasks.train", *args]
+    ranks = ranks_to_launch(cfg.gpus, _visible_gpus())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone"]
+    return [*torchrun, "-m", "tasks.train", *args]
+
+
+def ranks_to_launch(gpus: int | None, visible: int) -> int:
+    """How many ranks to start: ``train.gpus``, or every visible GPU (1 rank on a machine without one)."""
+    if gpus is None:
+        return max(1, visible)
+    if visible and gpus > visible:
+        raise StageError(
+            f"train.gpus={gpus}, but this worker sees {visible} GPU(s): lower train.gpus, or give the `gpu` pool's "
+            "job more GPUs (the gpu_count job variable, infra/README.md)"
+        )
+    return gpus  # without a GPU: that many CPU ranks (gloo), as the tests run them
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def _handle(e: dict, tracker: Tracker, progress: Progress, attempt: int) -> None:
     kind = e["kind"]
     if kind == "started":
-        print(f"trainer started (attempt {attempt}, pid {e['pid']}); its output: {progress.log}")
+        ranks = f", {e['ranks']} ranks" if e.get("ranks", 1) > 1 else ""
+        print(f"trainer started (attempt {attempt}, pid {e['pid']}{ranks}); its output: {progress.log}")
     elif kind == "step":
         progress.step(e)
     elif kind == "refused":

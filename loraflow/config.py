@@ -128,6 +128,10 @@ CompileMode = Literal["auto", "on", "off"]
 AttentionMode = Literal["auto", "sdpa", "flex"]
 # TrainConfig fields that do not change what a run computes: changing them keeps its checkpoints and cache.
 RUN_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "retries", "resume_across_versions", "log_every")
+# ... nor do these: a data-parallel run computes the same steps on any number of ranks (the global batch is
+# split, never multiplied), so a run checkpointed on 2 GPUs resumes on 1 (loraflow/ml/distributed.py).
+RUN_PLACEMENT = ("distributed", "gpus")
+Distributed = Literal["none", "ddp", "fsdp"]
 
 
 class TrainConfig(_Section):
@@ -142,7 +146,7 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training split; exclusive with max_steps.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; exclusive with epochs.")
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch, all ranks together (split across them).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     max_seq_length: int = Field(
         128, ge=8, description="Tokens per example after templating; longer examples are truncated."
@@ -169,15 +173,40 @@ class TrainConfig(_Section):
         False, description="Resume a checkpoint written with other torch/transformers/peft/bitsandbytes/loraflow."
     )
     log_every: int = Field(1, ge=1, description="Log the training loss to the tracker every N steps.")
+    distributed: Distributed = Field(
+        "none", description="'none': one process; 'ddp': data-parallel ranks via torchrun; 'fsdp': sharded (FSDP2)."
+    )
+    gpus: int | None = Field(
+        None, ge=1, description="Ranks torchrun starts with 'ddp' (None: every GPU the worker sees, 1 without one)."
+    )
 
     def identity(self) -> dict[str, Any]:
-        """The settings that change what training computes (bookkeeping such as checkpointing left out)."""
-        return self.model_dump(mode="json", exclude=set(RUN_BOOKKEEPING))
+        """The settings that change what training computes (bookkeeping and placement left out)."""
+        return self.model_dump(mode="json", exclude={*RUN_BOOKKEEPING, *RUN_PLACEMENT})
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:
         if (self.epochs is None) == (self.max_steps is None):
             raise ValueError("set exactly one of train.epochs and train.max_steps")
+        return self
+
+    @model_validator(mode="after")
+    def _placement(self) -> TrainConfig:
+        problems = []
+        if self.distributed == "none" and self.gpus not in (None, 1):
+            problems.append(f"train.gpus={self.gpus} needs train.distributed='ddp' (or 1 GPU with 'none')")
+        if self.distributed == "fsdp":
+            problems.append(
+                "train.distributed='fsdp' is not supported yet: FSDP2 sharding of the bitsandbytes 4-bit base is "
+                "unproven (no multi-GPU machine to check it on); use 'ddp' when the 4-bit base fits one GPU"
+            )
+        if self.gpus is not None and self.batch_size < self.gpus:
+            problems.append(
+                f"train.batch_size={self.batch_size} is split across train.gpus={self.gpus} ranks: "
+                "raise it to at least the number of ranks"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

@@ -10,7 +10,13 @@ one attempt, not the flow:
     python -m tasks.train REQUEST.json EVENTS.jsonl ADAPTER.json
 
 reads a :class:`TrainRequest`, appends every metric, tag and step to EVENTS.jsonl (the flow
-forwards them to MLflow and the logs) and writes the Adapter record to ADAPTER.json.
+forwards them to MLflow and the logs) and writes the Adapter record to ADAPTER.json. With
+``train.distributed='ddp'`` the flow starts it under torchrun, one process per rank:
+
+    python -m torch.distributed.run --nproc-per-node N --standalone -m tasks.train REQUEST EVENTS ADAPTER
+
+and each rank finds its place in torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); rank 0 writes
+the events, checkpoints, adapter and record, with every rank's tokens/s and peak memory among its metrics.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from loraflow import tags as T
 from loraflow.config import LoraConfig, TrainConfig
 from loraflow.errors import DataError, LoraflowError
 from loraflow.hashing import sha256_dir, sha256_file
-from loraflow.ml import checkpoints
+from loraflow.ml import checkpoints, distributed
 from loraflow.ml.batching import packed_rows_per_epoch
 from loraflow.ml.examples import encode_all, read_jsonl
 from loraflow.ml.models import load_quantized, load_tokenizer
@@ -54,14 +60,18 @@ def train(
     tracker: Tracker = NULL_TRACKER,
     checkpoint_dir: Path | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    world: distributed.World | None = None,
 ) -> Adapter:
     """Train a LoRA adapter on the 4-bit base and save it under ``run_dir/adapter``.
 
     With ``checkpoint_dir``, checkpoints go there and training resumes from the newest one of this
     run (:func:`run_key`); one written with other library versions is refused unless
-    ``cfg.resume_across_versions``.
+    ``cfg.resume_across_versions``. With ``world``, this process is one data-parallel rank
+    (:mod:`loraflow.ml.distributed`): only rank 0 tracks and writes; every rank returns the same Adapter.
     """
     start = time.perf_counter()
+    if world is not None and not world.main:
+        tracker, on_step = NULL_TRACKER, None
     tok = load_tokenizer(base.path)
     examples = encode_all(tok, read_jsonl(data.train_path), cfg.max_seq_length)
     if len(examples) < cfg.batch_size:
@@ -85,16 +95,36 @@ def train(
     # fork_rng: seeding adapter init and dropout must not leak into the caller's global RNG state;
     # enable_grad: a caller inside torch.no_grad() must not silently disable training.
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(cfg.seed)
-        model = prepare_for_training(load_quantized(base.path), lora, cfg.memory_profile, cfg.compile)
-        result = fit(model, examples, tok.pad_token_id, cfg, tracker, checkpoint_dir, key, resume, on_step)
+        torch.manual_seed(cfg.seed)  # the same adapter init on every rank
+        device = world.device if world is not None else None
+        model = prepare_for_training(load_quantized(base.path, device=device), lora, cfg.memory_profile, cfg.compile)
+        if world is not None and world.size > 1:  # each rank draws its own dropout masks for its own rows
+            torch.manual_seed(cfg.seed + 1 + world.rank)
+        result = fit(model, examples, tok.pad_token_id, cfg, tracker, checkpoint_dir, key, resume, on_step, world)
 
     adapter_dir = run_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    tok.save_pretrained(adapter_dir)
     curve_path = run_dir / "train" / "loss_curve.json"
-    curve_path.parent.mkdir(parents=True, exist_ok=True)
-    curve_path.write_text(json.dumps(result.curve))
+    if world is None or world.main:
+        model.save_pretrained(adapter_dir)
+        tok.save_pretrained(adapter_dir)
+        curve_path.parent.mkdir(parents=True, exist_ok=True)
+        curve_path.write_text(json.dumps(result.curve))
+    if world is not None:
+        ranks = world.gather(
+            {
+                "tokens_per_second": result.rank_tokens / result.rank_seconds,
+                "peak_memory_gb": distributed.peak_memory_gb(world.device),
+            }
+        )
+        for rank, figures in enumerate(ranks):
+            tracker.log_metrics(
+                {
+                    distributed.RANK_TOKENS_PER_S.format(rank=rank): figures["tokens_per_second"],
+                    distributed.RANK_PEAK_MEMORY_GB.format(rank=rank): figures["peak_memory_gb"],
+                }
+            )
+        tracker.log_metrics({"train/ranks": world.size})
+        world.barrier()  # rank 0's adapter is on disk before any rank reads it
     adapter = Adapter(
         path=str(adapter_dir),
         digest=sha256_dir(adapter_dir),
@@ -149,9 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.train REQUEST.json EVENTS.jsonl ADAPTER.json``: one training attempt."""
     request_path, events_path, result_path = argv if argv is not None else sys.argv[1:]
     request = load_record(TrainRequest, Path(request_path))
-    events = EventLog(Path(events_path))
-    events.event("started", pid=os.getpid())
+    world = None
+    if "WORLD_SIZE" in os.environ:  # started by torchrun: one rank of a data-parallel run
+        _die_with_parent()
+        env = os.environ
+        world = distributed.start(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
     try:
+        main_rank = world is None or world.main
+        events = EventLog(Path(events_path)) if main_rank else NULL_TRACKER
+        if main_rank:
+            events.event("started", pid=os.getpid(), ranks=world.size if world else 1)
         adapter = train(
             request.base,
             request.data,
@@ -161,13 +198,28 @@ def main(argv: list[str] | None = None) -> int:
             events,
             Path(request.checkpoint_dir) if request.checkpoint_dir else None,
             on_step=lambda s: events.event("step", **dataclasses.asdict(s)),
+            world=world,
         )
+        if main_rank:
+            adapter.save(Path(result_path))
+            events.event("finished", steps=adapter.steps)
     except LoraflowError as e:  # the data or the config: another attempt would fail the same way
-        events.event("refused", message=str(e), error=type(e).__name__)
+        if main_rank:
+            events.event("refused", message=str(e), error=type(e).__name__)
         return REFUSED
-    adapter.save(Path(result_path))
-    events.event("finished", steps=adapter.steps)
+    finally:
+        if world is not None:
+            distributed.stop()
     return 0
+
+
+def _die_with_parent() -> None:
+    """A rank dies with torchrun's agent, which dies with the train flow (flows/trainer.py): no orphan ranks."""
+    import ctypes
+    import signal
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "validate_throughput.py"
 
 
@@ -135,3 +137,17 @@ def test_packing_throughput_long_context_small():
     summary = module.main([*args, "--steps", "1", "--warmup", "1", "--loraflow-mode", "lean", "--budgets", "1"])
     assert [(r["variant"], r["batch"]) for r in summary["results"]] == [("loraflow:long", 32), ("loraflow:long", 64)]
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in summary["results"])
+
+
+@pytest.mark.slow
+def test_train_throughput_launches_ranks():
+    """--gpus N: each loraflow variant also runs on N torchrun ranks (gloo on the CPU) with the same losses."""
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH.parent / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    args = ["--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1"]
+    one, two = module.main([*args, "--variants", "loraflow:fast", "--gpus", "2"])
+    assert (one.variant, two.variant) == ("loraflow:fast", "loraflow:fast@ddp2")
+    assert one.error is None and two.error is None and two.tokens_per_s > 0
+    assert max(abs(a - b) for a, b in zip(one.losses, two.losses, strict=True)) < 1e-3

@@ -395,6 +395,25 @@ def test_gpu_job_requests_gpus_on_gpu_nodes():
     assert k8s_problems(two) == []
 
 
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_gpu_job_asks_for_n_gpus_on_one_node(n):
+    """train.distributed='ddp' with train.gpus unset starts one rank per GPU the pod sees (flows/trainer.py):
+    a deployment's gpu_count N must give one pod, on one node, holding N GPUs, all visible, with /dev/shm."""
+    job = render_job(_template("gpu"), {"gpu_count": n, "shm_size": "32Gi"})
+    assert k8s_problems(job) == []
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1  # one pod: one node
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == n
+    env = {e["name"] for e in container["env"]}
+    assert "CUDA_VISIBLE_DEVICES" not in env and "NVIDIA_VISIBLE_DEVICES" not in env  # the device plugin's choice
+    (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}  # NCCL's shared-memory transport
+    readme = (INFRA / "README.md").read_text()
+    assert "gpu_count" in readme and "train.distributed=ddp" in readme
+
+
 def test_gpu_count_is_bounded_by_the_schema():
     from prefect._internal.schemas.validators import validate_values_conform_to_schema
 

@@ -8,6 +8,21 @@ a hidden temporary folder, each file fsynced, then renamed into place and the pa
 after a crash at any instant the folder either holds a complete checkpoint or none. Only the newest
 ``keep`` are kept.
 
+Across numbers of ranks (loraflow/ml/distributed.py): only rank 0 writes, and a checkpoint of a
+data-parallel run also holds every rank's RNG states (``rng_ranks``) and ``world_size`` in its meta.
+The data position is the step alone (every rank replays the same global stream and takes its share),
+and adapter, optimizer and scheduler are the same on every rank, so a checkpoint written on N ranks
+resumes on M. What "exactly" means then:
+
+- the same number of ranks: each rank gets its own RNG states back, so the run continues bit for bit
+  as the uninterrupted one would (on deterministic kernels);
+- another number: the data order, learning rate, optimizer moments and adapter continue exactly; the
+  losses continue as an N-rank run and an M-rank run of the same global batch agree (the order of the
+  sums differs: within the tolerance tests/stages/test_distributed.py states). Rank r takes rank r's
+  RNG states where the old run had a rank r, else a stream derived from the seed state and r. LoRA
+  dropout masks are drawn per rank for its rows, so with dropout > 0 they differ from what the old
+  run would have drawn: the same distribution, not the same masks (with dropout 0 nothing is drawn).
+
 Resuming across a change of torch, transformers, peft, bitsandbytes or loraflow is refused with a
 message naming what changed: such a change can alter the loss curve silently (the failure users of
 other trainers report). ``allow_version_change`` resumes anyway, and the caller records that.
@@ -172,7 +187,20 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
+def rng_of_rank(state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The RNG states rank ``rank`` resumes with (see the module docstring); rank 0's are ``state["rng"]``."""
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if rank < len(ranks):
+        return ranks[rank]
+    with torch.random.fork_rng(devices=[]):  # a stream of its own, derived from rank 0's state and the rank
+        torch.set_rng_state(state["rng"]["torch"])
+        return {"seed": int(torch.randint(0, 2**62, (1,)).item()) + rank}
+
+
 def set_rng_states(states: dict[str, Any]) -> None:
+    if "seed" in states:  # a derived stream (rng_of_rank): every device's generator seeded from it
+        torch.manual_seed(states["seed"])
+        return
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

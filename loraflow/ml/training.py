@@ -23,6 +23,7 @@ from loraflow.config import CompileMode, LoraConfig, TrainConfig
 from loraflow.ml import checkpoints
 from loraflow.ml.attention import resolve_attention, set_attention
 from loraflow.ml.batching import collate, collate_packed, micro_batches, packed_micro_batches, packed_rows_per_epoch
+from loraflow.ml.distributed import World
 from loraflow.ml.lora4bit import fuse_lora_4bit
 from loraflow.ml.loss import token_loss_sum
 from loraflow.ml.memory import PROFILES, MemoryProfile, apply_profile
@@ -100,6 +101,8 @@ class Fit:
     curve: list[dict[str, float]]
     checkpoints: list[str]
     resumed_from: int | None = None  # the step of the checkpoint this call started from
+    rank_tokens: int = 0  # non-padding tokens this rank computed (all of them without ranks)
+    rank_seconds: float = 0.0  # this rank's time in the step loop
 
 
 def fit(
@@ -112,6 +115,7 @@ def fit(
     run_key: str = "",
     resume: checkpoints.Checkpoint | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    world: World | None = None,
 ) -> Fit:
     """Train the LoRA weights of ``model`` (from :func:`prepare_for_training`) on encoded examples.
 
@@ -121,6 +125,10 @@ def fit(
     with ``resume``, the loop continues from that checkpoint exactly where the run that wrote it
     was: adapter, optimizer, scheduler, RNG states, data position and loss curve restored, so the
     steps after it compute what an uninterrupted run computes.
+
+    With ``world`` (data-parallel ranks, :mod:`loraflow.ml.distributed`), every rank computes its share
+    of each global micro-batch and the adapter gradients are summed over ranks before clipping; only
+    rank 0 writes checkpoints (with every rank's RNG states) and calls ``tracker`` and ``on_step``.
     """
     if cfg.packing:
         units = packed_rows_per_epoch(examples, cfg.max_seq_length, cfg.seed)
@@ -138,6 +146,8 @@ def fit(
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     loop = {"curve": [], "trained_tokens": 0, "window": [], "last_window": []}
     start = 0
+    if world is not None:
+        world.rows(cfg.batch_size)  # refuses a batch too small to split before any work
     if resume is not None:
         state = resume.state()
         set_peft_model_state_dict(model, load_file(resume.path / ADAPTER_WEIGHTS))
@@ -147,19 +157,30 @@ def fit(
         start = resume.step
         for _ in range(start * cfg.grad_accum):  # the batch stream is replayed, not stored
             next(stream)
-        checkpoints.set_rng_states(state["rng"])
+        checkpoints.set_rng_states(checkpoints.rng_of_rank(state, world.rank if world else 0))
+    if world is not None:
+        world.broadcast_params(params)  # identical by construction (same seed, same file); made sure, as DDP does
     curve, window = loop["curve"], loop["window"]
+    rank_tokens, loop_began = 0, time.perf_counter()
     model.train()
     for step in range(start + 1, steps + 1):
         began = time.perf_counter()
         micro = [batch_of(next(stream), pad_id) for _ in range(cfg.grad_accum)]
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)  # global: all ranks' rows
         step_loss, step_tokens = 0.0, 0
         for b in micro:
+            step_tokens += int(b["attention_mask"].sum())
+            if world is not None:
+                b = world.shard(b)
+                rank_tokens += int(b["attention_mask"].sum())
             loss_sum, _ = token_loss_sum(model, b, chunk_tokens=chunk_tokens)
             (loss_sum / n_tokens).backward()
             step_loss += loss_sum.item() / n_tokens
-            step_tokens += int(b["attention_mask"].sum())
+        if world is not None:
+            world.all_reduce_grads(params)
+            step_loss = world.sum(step_loss)
+        else:
+            rank_tokens += step_tokens
         loop["trained_tokens"] += step_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         optimizer.step()
@@ -169,9 +190,10 @@ def fit(
         curve.append({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm})
         window.append(step_loss)
         if step % cfg.log_every == 0 or step == steps:
-            tracker.log_metrics(
-                {"train/loss": sum(window) / len(window), "train/lr": lr, "train/grad_norm": grad_norm}, step
-            )
+            if world is None or world.main:
+                tracker.log_metrics(
+                    {"train/loss": sum(window) / len(window), "train/lr": lr, "train/grad_norm": grad_norm}, step
+                )
             loop["last_window"], window = window, []
             loop["window"] = window
         if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
@@ -181,10 +203,18 @@ def fit(
                 "rng": checkpoints.rng_states(),
                 "loop": loop,
             }
-            checkpoints.save(checkpoint_dir, step, model, state, {"run_key": run_key}, cfg.keep_checkpoints)
-        if on_step is not None:
+            meta = {"run_key": run_key}
+            if world is not None:  # every rank's dropout stream, and how many there were
+                state["rng_ranks"] = world.gather(state["rng"])
+                meta["world_size"] = world.size
+            if world is None or world.main:
+                checkpoints.save(checkpoint_dir, step, model, state, meta, cfg.keep_checkpoints)
+        if on_step is not None and (world is None or world.main):
             on_step(StepInfo(step, steps, step_loss, time.perf_counter() - began, step_tokens))
+    if world is not None:
+        world.barrier()  # rank 0's last checkpoint is complete before any rank lists them
     last = loop["last_window"]
     kept = [str(c.path) for c in checkpoints.complete(checkpoint_dir)] if checkpoint_dir is not None else []
     resumed = resume.step if resume is not None else None
-    return Fit(steps, epochs, loop["trained_tokens"], sum(last) / len(last), curve, kept, resumed)
+    seconds = time.perf_counter() - loop_began
+    return Fit(steps, epochs, loop["trained_tokens"], sum(last) / len(last), curve, kept, resumed, rank_tokens, seconds)
