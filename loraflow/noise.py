@@ -16,11 +16,11 @@ _LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
 
 # peft 0.21's PeftModel reads `is_gradient_checkpointing`, which transformers 5 deprecated in favour of
 # `is_activation_checkpointing`; loraflow itself never calls it, and peft's next release stops.
-_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
+WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
 
 
 def silence_known_noise() -> None:
     for name, level in _LOGGERS.items():
         logging.getLogger(name).setLevel(level)
-    for category, message in _WARNINGS:
+    for category, message in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)

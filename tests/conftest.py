@@ -14,6 +14,14 @@ from loraflow.noise import silence_known_noise  # noqa: E402
 silence_known_noise()  # what the entry points silence, the suite silences too: nothing else is hidden
 
 
+def pytest_configure(config):
+    """pytest resets warning filters for each test: give it loraflow/noise.py's list, the one source."""
+    from loraflow.noise import WARNINGS
+
+    for category, message in WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where CUDA is available (the lent H200 machine, never CI)."""
     import pytest
