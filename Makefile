@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 export LORAFLOW_HOME ?= $(CURDIR)/.loraflow
 
-.PHONY: setup system demo test test-fast lint format up down status clean
+.PHONY: setup system demo test test-fast month lint format up down status clean
 
 setup: $(VENV)/.installed
 
@@ -27,9 +27,13 @@ demo: setup
 system:
 	@bash scripts/system-deps.sh
 
-# Everything, slow tests included: kill tests, MLflow outages, the simulated month (~25 min on 2 cores).
+# Everything but the simulated month, slow tests included: kill tests, MLflow outages (~25 min on 2 cores).
 test: setup system
 	$(PY) -m pytest -q
+
+# A month of nightly runs on a stack of its own, some nights killed (tests/flows/test_month.py).
+month: setup
+	$(PY) -m pytest -q -s -m month
 
 # For iteration: unit tests only, no servers, no kills (~3 min).
 test-fast: setup
