@@ -117,6 +117,11 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the output head."
     )
+    init: Literal["default", "gaussian", "loftq"] = Field(
+        "default",
+        description="How A and B start: 'default' (peft's: B zero), 'gaussian' (A normal, B zero) or 'loftq' "
+        "(rank-r SVD of the 4-bit base's quantization residual; loraflow/ml/lora_init.py).",
+    )
 
 
 CompileMode = Literal["auto", "on", "off"]

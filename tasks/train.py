@@ -17,6 +17,7 @@ from loraflow.errors import DataError
 from loraflow.hashing import sha256_dir
 from loraflow.ml.batching import packed_rows_per_epoch
 from loraflow.ml.examples import encode_all, read_jsonl
+from loraflow.ml.lora_init import init_adapter
 from loraflow.ml.models import load_quantized, load_tokenizer
 from loraflow.ml.training import fit, prepare_for_training
 from loraflow.records import Adapter, QuantizedBase, ValidatedData
@@ -56,6 +57,7 @@ def train(
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(cfg.seed)
         model = prepare_for_training(load_quantized(base.path), lora, cfg.memory_profile, cfg.compile)
+        init_adapter(model, lora, base.base.path)  # lora.init; LoftQ reads the full-precision weights
         result = fit(model, examples, tok.pad_token_id, cfg, run_dir, tracker, progress)
 
     adapter_dir = run_dir / "adapter"
