@@ -185,6 +185,14 @@ class EvalConfig(_Section):
     generation_rows: int | None = Field(
         None, ge=1, description="Held-out rows used for generation metrics (None: all held-out rows)."
     )
+    general_text: str | None = Field(
+        None,
+        description="JSONL of general-text passages ({'text': ...}) scored as perplexity by base and fine-tuned "
+        "model, the forgetting guard; relative paths resolve against the config file (None: not scored).",
+    )
+    confidence: float = Field(
+        0.9, gt=0.5, lt=1.0, description="Two-sided level of the bootstrap intervals reported with each metric."
+    )
 
 
 class MergeConfig(_Section):
@@ -267,6 +275,19 @@ class PromotionConfig(_Section):
     )
     beat_base: bool = Field(
         True, description="The candidate must be at least as good as its own base model on every required metric."
+    )
+    confidence: float = Field(
+        0.9,
+        gt=0.5,
+        lt=1.0,
+        description="Two-sided level of the paired bootstrap intervals; a comparison rule must hold at the "
+        "interval's unfavourable end (a one-sided test at (1 + confidence) / 2).",
+    )
+    max_general_regression: float | None = Field(
+        0.05,
+        ge=0.0,
+        description="Largest rise of general-text perplexity over the candidate's base, as a fraction "
+        "(0.05: +5%), at the interval's upper end (None: forgetting not checked).",
     )
     max_merge_deviation: float | None = Field(
         None,
@@ -400,12 +421,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 
 
 def _resolve_relative_paths(data: dict[str, Any], root: Path) -> None:
-    for section in ("data", "base_model"):
+    for section, key in (("data", "path"), ("base_model", "path"), ("eval", "general_text")):
         node = data.get(section)
-        if isinstance(node, dict) and isinstance(node.get("path"), str):
-            p = node["path"]
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            p = node[key]
             if not p.startswith("pkg:") and not Path(p).is_absolute():
-                node["path"] = str((root / p).resolve())
+                node[key] = str((root / p).resolve())
     node = data.get("data")
     if isinstance(node, dict):
         roots = node.get("allowed_roots", [str(_project_root(root))])
