@@ -125,6 +125,15 @@ def _gain_interval(metric: str, cand: ExampleScores | None, ref: ExampleScores |
     return scores.rouge_l_interval(cand, level, other=ref)
 
 
+def _unpaired(cand: ExampleScores | None, ref: ExampleScores | None, label: str) -> str:
+    """Why a comparison falls back to means."""
+    if cand is None:
+        return "the candidate has no per-example scores (registered before loraflow logged them)"
+    if ref is None:
+        return f"the {label} has no per-example scores (registered before loraflow logged them)"
+    return f"the {label}'s examples do not pair with the candidate's"
+
+
 def _compare(
     m: str, label: str, cand: float, ref: float, need: float, rule: str, interval, level: float, missing: str
 ) -> GateCheck:
@@ -191,7 +200,7 @@ def metric_checks(
         for m in have:
             if m in base:
                 interval = _gain_interval(m, examples.candidate, examples.base, level)
-                missing = "no per-example scores of the candidate"
+                missing = _unpaired(examples.candidate, examples.base, "base")
                 checks.append(
                     _compare(m, "base", candidate[m], base[m], 0.0, "at least as good", interval, level, missing)
                 )
@@ -206,7 +215,7 @@ def metric_checks(
             need = -rules.max_regression.get(m, 0.0)
             rule = f"regresses by <= {-need:g}"
         interval = _gain_interval(m, examples.candidate, examples.champion, level)
-        missing = "a version without per-example scores" if interval is None else ""
+        missing = _unpaired(examples.candidate, examples.champion, "champion")
         checks.append(_compare(m, "champion", candidate[m], champion[m], need, rule, interval, level, missing))
     if rules.max_general_regression is not None:
         checks.append(general_check(rules, base, candidate, examples))
