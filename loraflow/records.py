@@ -99,8 +99,7 @@ class ExampleScores(Record):
     rouge_l: list[float] = Field(description="ROUGE-L F1 of the greedy answer of each of the first examples answered.")
 
     def mean_loss(self) -> float:
-        total = sum(t for t in self.tokens)
-        return sum(x * t for x, t in zip(self.loss, self.tokens, strict=True)) / max(total, 1)
+        return sum(x * t for x, t in zip(self.loss, self.tokens, strict=True)) / max(sum(self.tokens), 1)
 
     def mean_rouge_l(self) -> float:
         return sum(self.rouge_l) / max(len(self.rouge_l), 1)

@@ -34,10 +34,6 @@ def example_losses(
     return losses, counts
 
 
-def _mean(losses: list[float], counts: list[int]) -> float:
-    return sum(x * c for x, c in zip(losses, counts, strict=True)) / max(sum(counts), 1)
-
-
 def heldout_loss(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -47,7 +43,7 @@ def heldout_loss(
 ) -> tuple[float, int]:
     """Mean response-token cross-entropy and the number of tokens scored."""
     losses, counts = example_losses(model, tok, [encode(tok, r, max_length) for r in records], batch_size)
-    return _mean(losses, counts), sum(counts)
+    return ExampleScores(loss=losses, tokens=counts, rouge_l=[]).mean_loss(), sum(counts)
 
 
 def text_examples(tok: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[Encoded]:
@@ -114,13 +110,15 @@ def score(
     answers = generate_answers(
         model, tok, [prompt_text(tok, r) for r in gen_records], cfg.batch_size, cfg.max_new_tokens
     )
-    scores = rouge_l(answers, [reference(r) for r in gen_records])
-    loss = _mean(losses, counts)
+    per_example = ExampleScores(
+        loss=losses, tokens=counts, rouge_l=rouge_l(answers, [reference(r) for r in gen_records])
+    )
+    loss = per_example.mean_loss()
     metrics = ModelMetrics(
         loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
-        rouge_l=sum(scores) / max(len(scores), 1),
+        rouge_l=per_example.mean_rouge_l(),
         tokens=sum(counts),
         generated=len(gen_records),
     )
-    return metrics, answers, ExampleScores(loss=losses, tokens=counts, rouge_l=scores)
+    return metrics, answers, per_example
