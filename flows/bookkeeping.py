@@ -142,10 +142,12 @@ def reporting_failure(parent: MlflowTracker) -> Iterator[None]:
         raise
 
 
-def lineage_of(run: ParentRun, data: ValidatedData, base: QuantizedBase) -> Lineage:
+def lineage_of(run: ParentRun, data: ValidatedData, base: QuantizedBase, evaluation: EvalReport) -> Lineage:
     parent = run.tracker
-    # The held-out split goes with the run: the promotion gate re-scores a champion on it.
+    # The held-out split goes with the run: the promotion gate re-scores a champion on it. So do the
+    # per-example scores (also when the evaluate stage was reused from the cache): the gate pairs them.
     parent.log_artifact(data.eval_path, "data")
+    parent.log_artifact(evaluation.examples_path, "eval")
     return Lineage(
         data_digest=data.digest,
         data_source=data.source,
@@ -157,6 +159,7 @@ def lineage_of(run: ParentRun, data: ValidatedData, base: QuantizedBase) -> Line
         flow_run_id=run.flow_run_id,
         mlflow_run_id=parent.run_id,
         eval_split=f"runs:/{parent.run_id}/data/{Path(data.eval_path).name}",
+        eval_examples=f"runs:/{parent.run_id}/eval/{Path(evaluation.examples_path).name}",
     )
 
 

@@ -52,7 +52,9 @@ def finetune(
         adapter = train_on_pool(config, base, data, run_dir, parent, fresh)
         evaluation = evaluate_stage(config, base, adapter, data, run_dir, parent)
         merged = merge_stage(config, base, adapter, data, run_dir, parent)
-        version = register_stage(config, base, adapter, evaluation, merged, lineage_of(run, data, base), parent)
+        version = register_stage(
+            config, base, adapter, evaluation, merged, lineage_of(run, data, base, evaluation), parent
+        )
         promotion = (
             promote(version.name, version.version, tracking_uri, config.promotion) if config.promotion.enabled else None
         )

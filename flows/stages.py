@@ -143,7 +143,7 @@ def evaluate_stage(
         cache_dir_of(run_dir),
         parent,
         lambda: _evaluate(config, base, adapter, data, run_dir, parent),
-        lambda r: [r.samples_path],
+        lambda r: [r.samples_path, r.examples_path],
     )
 
 

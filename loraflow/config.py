@@ -122,6 +122,10 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the output head."
     )
+    init: Literal["default", "gaussian", "loftq"] = Field(
+        "default",
+        description="How A and B start: 'default' (peft's), 'gaussian', or 'loftq' (fits the 4-bit residual).",
+    )
 
 
 CompileMode = Literal["auto", "on", "off"]
@@ -218,6 +222,12 @@ class EvalConfig(_Section):
     generation_rows: int | None = Field(
         None, ge=1, description="Held-out rows used for generation metrics (None: all held-out rows)."
     )
+    general_text: str | None = Field(
+        None, description="JSONL of general-text passages scored as perplexity: the forgetting guard (None: off)."
+    )
+    confidence: float = Field(
+        0.9, gt=0.5, lt=1.0, description="Two-sided level of the bootstrap intervals reported with each metric."
+    )
 
 
 class MergeConfig(_Section):
@@ -284,6 +294,15 @@ class PromotionConfig(_Section):
     )
     beat_base: bool = Field(
         True, description="The candidate must be at least as good as its own base model on every required metric."
+    )
+    confidence: float = Field(
+        0.9,
+        gt=0.5,
+        lt=1.0,
+        description="Level of the paired bootstrap intervals; rules hold at their unfavourable end.",
+    )
+    max_general_regression: float | None = Field(
+        0.05, ge=0.0, description="Largest rise of general-text perplexity over the base (0.05: +5%; None: unchecked)."
     )
     max_merge_deviation: float | None = Field(
         None,
@@ -428,12 +447,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 
 
 def _resolve_relative_paths(data: dict[str, Any], root: Path) -> None:
-    for section in ("data", "base_model"):
+    for section, key in (("data", "path"), ("base_model", "path"), ("eval", "general_text")):
         node = data.get(section)
-        if isinstance(node, dict) and isinstance(node.get("path"), str):
-            p = node["path"]
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            p = node[key]
             if not p.startswith("pkg:") and not Path(p).is_absolute():
-                node["path"] = str((root / p).resolve())
+                node[key] = str((root / p).resolve())
     node = data.get("data")
     if isinstance(node, dict):
         roots = node.get("allowed_roots", [str(_project_root(root))])

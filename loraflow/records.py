@@ -97,18 +97,54 @@ class Adapter(Record):
     loss_curve_path: str = Field(description="JSON list of (step, loss, lr) in the run directory.")
 
 
+class ExampleScores(Record):
+    """One model's scores example by example, in the order of the split (the gate bootstraps over them)."""
+
+    loss: list[float] = Field(description="Mean response-token cross-entropy of each example (0 without tokens).")
+    tokens: list[int] = Field(description="Response tokens scored in each example.")
+    rouge_l: list[float] = Field(description="ROUGE-L F1 of the greedy answer of each of the first examples answered.")
+
+    def mean_loss(self) -> float:
+        return sum(x * t for x, t in zip(self.loss, self.tokens, strict=True)) / max(sum(self.tokens), 1)
+
+    def mean_rouge_l(self) -> float:
+        return sum(self.rouge_l) / max(len(self.rouge_l), 1)
+
+
+Interval = tuple[float, float]
+
+
 class ModelMetrics(Record):
     loss: float = Field(description="Mean cross-entropy per response token on the held-out split.")
     perplexity: float
     rouge_l: float = Field(description="Mean ROUGE-L F1 of greedy answers against the references.")
     tokens: int = Field(description="Response tokens scored.")
     generated: int = Field(description="Held-out prompts answered for ROUGE-L.")
+    loss_interval: Interval | None = Field(None, description="Bootstrap interval of loss over examples.")
+    rouge_l_interval: Interval | None = Field(None, description="Bootstrap interval of rouge_l over examples.")
+
+
+class GeneralTextMetrics(Record):
+    """Base and fine-tuned model on the general-text set: what the fine-tune forgot (the forgetting guard)."""
+
+    path: str = Field(description="The general-text JSONL scored.")
+    sha256: str = Field(description="sha256 of that file.")
+    passages: int
+    tokens: int = Field(description="Tokens scored (every token of each passage but its first).")
+    base_perplexity: float
+    finetuned_perplexity: float
+    increase: float = Field(description="finetuned_perplexity / base_perplexity - 1 (positive: forgot).")
+    increase_interval: Interval = Field(description="Bootstrap interval of increase over passages.")
 
 
 class EvalReport(Record):
     base: ModelMetrics
     finetuned: ModelMetrics
+    general: GeneralTextMetrics | None = Field(
+        None, description="The forgetting guard (None: eval.general_text unset)."
+    )
     samples_path: str = Field(description="JSONL of prompts, references and both models' answers.")
+    examples_path: str = Field(description="JSONL of per-example scores of both models (loraflow.scores).")
     seconds: float
 
     @property
@@ -139,6 +175,9 @@ class Lineage(Record):
     eval_split: str = Field(
         "", description="Artifact URI of the held-out split the version was evaluated on (the gate re-scores on it)."
     )
+    eval_examples: str = Field(
+        "", description="Artifact URI of the per-example scores of the evaluation (the gate's paired comparison)."
+    )
 
     def as_tags(self) -> dict[str, str]:
         """The registered version's lineage tags (redacted, like every writer's output)."""
@@ -154,6 +193,7 @@ class Lineage(Record):
                 T.FLOW_RUN_ID: self.flow_run_id,
                 T.MLFLOW_RUN_ID: self.mlflow_run_id,
                 T.EVAL_SPLIT: self.eval_split,
+                T.EVAL_EXAMPLES: self.eval_examples,
             }
         )
 
@@ -188,6 +228,10 @@ class GateCheck(Record):
     )
     passed: bool
     detail: str
+    estimate: float | None = Field(None, description="The compared quantity (e.g. how much better), when numeric.")
+    interval: Interval | None = Field(
+        None, description="Its paired bootstrap interval over examples (None: compared on means only)."
+    )
 
 
 class Verdict(Record):

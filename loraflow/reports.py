@@ -32,6 +32,17 @@ def metrics_rows(report: EvalReport) -> list[dict[str, str]]:
     for metric in ("loss", "perplexity", "rouge_l"):
         b, f = getattr(report.base, metric), getattr(report.finetuned, metric)
         rows.append({"metric": metric, "base": f"{b:.4f}", "fine-tuned": f"{f:.4f}", "change": f"{f - b:+.4f}"})
+    if report.general is not None:  # the forgetting guard
+        g = report.general
+        low, high = g.increase_interval
+        rows.append(
+            {
+                "metric": "general-text perplexity",
+                "base": f"{g.base_perplexity:.4f}",
+                "fine-tuned": f"{g.finetuned_perplexity:.4f}",
+                "change": f"{g.increase:+.2%} [{low:+.2%}, {high:+.2%}]",
+            }
+        )
     return rows
 
 

@@ -41,6 +41,12 @@ EVAL_LOSS = "loraflow.eval_loss"
 EVAL_ROUGE_L = "loraflow.eval_rouge_l"
 BASE_EVAL_LOSS = "loraflow.base_eval_loss"
 BASE_EVAL_ROUGE_L = "loraflow.base_eval_rouge_l"
+EVAL_LOSS_INTERVAL = "loraflow.eval_loss_interval"  # "low,high": bootstrap interval over held-out examples
+EVAL_ROUGE_L_INTERVAL = "loraflow.eval_rouge_l_interval"
+EVAL_GENERAL_PERPLEXITY = "loraflow.eval_general_perplexity"  # the forgetting guard's general text
+BASE_EVAL_GENERAL_PERPLEXITY = "loraflow.base_eval_general_perplexity"
+EVAL_GENERAL_INCREASE_INTERVAL = "loraflow.eval_general_increase_interval"  # "low,high" of ppl ratio - 1
+EVAL_EXAMPLES = "loraflow.eval_examples"  # artifact URI of the per-example scores (loraflow/scores.py)
 
 # Registered models.
 MANAGED = "loraflow.managed"  # "true" on the registered models loraflow created; only those are changed

@@ -3,7 +3,8 @@
 The promotion gate compares candidate and champion on the same held-out data. When the champion
 was evaluated on other data (new dataset, contract or eval settings), its recorded numbers say
 nothing about the candidate's split, so it is scored again here with the same functions as the
-evaluate stage: the version's adapter from the registry on its 4-bit base.
+evaluate stage: the version's adapter from the registry on its 4-bit base, example by example, so
+that the gate's comparison stays paired.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from loraflow.errors import StageError
 from loraflow.ml.examples import read_jsonl
 from loraflow.ml.models import load_quantized, load_tokenizer
 from loraflow.ml.scoring import score
+from loraflow.records import ExampleScores
 
 
-def score_version(
-    tracking_uri: str, model_uri: str, split_uri: str, cfg: EvalConfig, max_length: int
-) -> dict[str, float]:
-    """Held-out loss and ROUGE-L of the registered ``model_uri`` (models:/NAME/N) on the split at ``split_uri``."""
+def score_version(tracking_uri: str, model_uri: str, split_uri: str, cfg: EvalConfig, max_length: int) -> ExampleScores:
+    """Held-out loss and ROUGE-L of the registered ``model_uri`` (models:/NAME/N) on the split at ``split_uri``,
+    example by example (the gate pairs them with the candidate's)."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,5 +43,5 @@ def score_version(
         gen_records = records[: cfg.generation_rows] if cfg.generation_rows else records
         # Inference only, never trained: bitsandbytes' faster CPU layout is safe here.
         model = PeftModel.from_pretrained(load_quantized(base_path, cpu_repack=True), str(adapter)).eval()
-        metrics, _, _ = score(model, load_tokenizer(adapter), records, gen_records, cfg, max_length)
-    return {"loss": metrics.loss, "rouge_l": metrics.rouge_l}
+        _, _, examples = score(model, load_tokenizer(adapter), records, gen_records, cfg, max_length)
+    return examples

@@ -88,7 +88,14 @@ def register(
         T.EVAL_ROUGE_L: f"{evaluation.finetuned.rouge_l:.6g}",
         T.BASE_EVAL_LOSS: f"{evaluation.base.loss:.6g}",
         T.BASE_EVAL_ROUGE_L: f"{evaluation.base.rouge_l:.6g}",
+        **_interval_tag(T.EVAL_LOSS_INTERVAL, evaluation.finetuned.loss_interval),
+        **_interval_tag(T.EVAL_ROUGE_L_INTERVAL, evaluation.finetuned.rouge_l_interval),
     }
+    if evaluation.general is not None:
+        g = evaluation.general
+        tags[T.EVAL_GENERAL_PERPLEXITY] = f"{g.finetuned_perplexity:.6g}"
+        tags[T.BASE_EVAL_GENERAL_PERPLEXITY] = f"{g.base_perplexity:.6g}"
+        tags |= _interval_tag(T.EVAL_GENERAL_INCREASE_INTERVAL, g.increase_interval)
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
     try:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
@@ -114,6 +121,10 @@ def _registered_before(client, name: str, run_id: str, adapter_digest: str) -> s
         if mv.tags.get(T.ADAPTER_DIGEST) == adapter_digest and mv.status == "READY":
             return str(mv.version)
     return None
+
+
+def _interval_tag(tag: str, interval: tuple[float, float] | None) -> dict[str, str]:
+    return {tag: f"{interval[0]:.6g},{interval[1]:.6g}"} if interval is not None else {}
 
 
 def _ensure_registered_model(client, name: str) -> None:

@@ -39,6 +39,7 @@ from loraflow.hashing import sha256_dir, sha256_file
 from loraflow.ml import checkpoints, distributed
 from loraflow.ml.batching import packed_rows_per_epoch
 from loraflow.ml.examples import encode_all, read_jsonl
+from loraflow.ml.lora_init import init_adapter
 from loraflow.ml.models import load_quantized, load_tokenizer
 from loraflow.ml.training import StepInfo, fit, prepare_for_training
 from loraflow.records import Adapter, QuantizedBase, Record, ValidatedData, load_record
@@ -98,6 +99,7 @@ def train(
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank
         device = world.device if world is not None else None
         model = prepare_for_training(load_quantized(base.path, device=device), lora, cfg.memory_profile, cfg.compile)
+        init_adapter(model, lora, base.base.path)  # lora.init; LoftQ reads the full-precision weights
         if world is not None and world.size > 1:  # each rank draws its own dropout masks for its own rows
             torch.manual_seed(cfg.seed + 1 + world.rank)
         result = fit(model, examples, tok.pad_token_id, cfg, tracker, checkpoint_dir, key, resume, on_step, world)

@@ -53,9 +53,16 @@ def test_qlora_parity_small():
     sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
     spec.loader.exec_module(module)
     args = ["--variants", "qlora-nf4", "lora-bf16", "--steps", "2", "--eval-rows", "2", "--no-progress"]
+    args += ["--inits", "loftq", "--seeds", "0", "1"]
     small = ["train.batch_size=2", "eval.batch_size=2", "eval.max_new_tokens=2"]
     result = module.main(args + [a for s in small for a in ("--set", s)])
-    assert list(result["variants"]) == ["qlora-nf4", "lora-bf16"]
+    assert list(result["variants"]) == ["qlora-nf4", "qlora-nf4+loftq", "lora-bf16"]
+    assert list(result["seeds"]) == ["0", "1"] and result["variants"] == result["seeds"]["0"]
+    loftq = result["variants"]["qlora-nf4+loftq"]
+    assert loftq["init"] == "loftq" and loftq["base"] == result["variants"]["qlora-nf4"]["base"]
+    assert len(loftq["examples"]["finetuned"]["loss"]) == 2 and len(loftq["examples"]["base"]["rouge_l"]) == 2
+    gap = result["summary"]["qlora-nf4+loftq"]["loss_gap"]
+    assert gap["min"] <= gap["mean"] <= gap["max"] and gap["sd"] >= 0
     for r in result["variants"].values():
         assert len(r["loss_curve"]) == 2 and r["train_s"] > 0
         for which in ("finetuned", "base"):

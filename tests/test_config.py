@@ -240,11 +240,12 @@ def test_malformed_overrides(override: str, message: str) -> None:
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write(tmp_path / "configs", minimal())
+    path = write(tmp_path / "configs", minimal() | {"eval": {"general_text": "../data/general.jsonl"}})
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     cfg = load_config(path)
     assert cfg.data.path == str((tmp_path / "configs" / "data" / "train.jsonl").resolve())
     assert cfg.base_model.path == str((tmp_path / "configs" / "models" / "tiny").resolve())
+    assert cfg.eval.general_text == str((tmp_path / "data" / "general.jsonl").resolve())
     monkeypatch.chdir(tmp_path / "configs")
     assert load_config("run.yaml") == cfg
 

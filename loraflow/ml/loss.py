@@ -72,6 +72,41 @@ def token_loss_sum(
     return loss, n_tokens
 
 
+@torch.no_grad()
+def row_loss_sums(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a padded batch: the sum of its labelled tokens' cross-entropies (fp32) and their count.
+
+    Scoring only (no gradient); the tokens are those :func:`token_loss_sum` sums, with the same
+    arithmetic (fp32 log-sum-exp minus the target's logit), so the rows add up to its total. The
+    evaluate stage needs them apart: the promotion gate bootstraps over examples.
+    """
+    targets = batch["labels"][:, 1:]
+    selected = targets != IGNORE_INDEX
+    rows, cols = selected.nonzero(as_tuple=True)
+    labels = targets[rows, cols].to(model.device)
+    inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(batch).items()}
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if causal_lm.config.model_type in PLAIN_HEAD_MODELS:
+        hidden = causal_lm.get_decoder()(**inputs).last_hidden_state[rows.to(model.device), cols.to(model.device)]
+        head = causal_lm.get_output_embeddings()
+        per_token = torch.cat(
+            [_token_losses(head(hidden[i : i + chunk_tokens]), labels[i : i + chunk_tokens])
+             for i in range(0, len(labels), chunk_tokens)]
+        ) if len(labels) else hidden.new_zeros(0, dtype=torch.float32)  # fmt: skip
+    else:
+        logits = model(**inputs).logits[:, :-1][rows.to(model.device), cols.to(model.device)]
+        per_token = _token_losses(logits, labels)
+    sums = torch.zeros(targets.size(0), dtype=torch.float32).index_add_(0, rows, per_token.cpu())
+    return sums, selected.sum(dim=1)
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, labels[:, None]).squeeze(1)
+
+
 def model_inputs(batch: dict[str, torch.Tensor], flex: bool = False) -> dict[str, Any]:
     """The forward arguments of a padded batch (attention mask) or a packed one (position ids; with
     ``flex``, for a model on FlexAttention, also its document-causal block mask)."""

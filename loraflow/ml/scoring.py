@@ -15,13 +15,25 @@ from transformers import PreTrainedTokenizerBase
 
 from loraflow.config import EvalConfig
 from loraflow.ml.batching import collate
-from loraflow.ml.examples import encode_all
-from loraflow.ml.loss import token_loss_sum
-from loraflow.ml.prompts import prompt_text, reference
-from loraflow.records import ModelMetrics
+from loraflow.ml.loss import row_loss_sums
+from loraflow.ml.prompts import Encoded, encode, prompt_text, reference
+from loraflow.records import ExampleScores, ModelMetrics
 
 
 @torch.no_grad()
+def example_losses(
+    model: torch.nn.Module, tok: PreTrainedTokenizerBase, examples: list[Encoded], batch_size: int
+) -> tuple[list[float], list[int]]:
+    """Per encoded example: mean cross-entropy over its labelled tokens (0.0 when it has none) and their count."""
+    losses: list[float] = []
+    counts: list[int] = []
+    for i in range(0, len(examples), batch_size):
+        sums, n = row_loss_sums(model, collate(examples[i : i + batch_size], tok.pad_token_id))
+        losses += [s / c if c else 0.0 for s, c in zip(sums.tolist(), n.tolist(), strict=True)]
+        counts += n.tolist()
+    return losses, counts
+
+
 def heldout_loss(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -30,13 +42,25 @@ def heldout_loss(
     batch_size: int,
 ) -> tuple[float, int]:
     """Mean response-token cross-entropy and the number of tokens scored."""
-    examples = encode_all(tok, records, max_length)
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        loss_sum, n = token_loss_sum(model, collate(examples[i : i + batch_size], tok.pad_token_id))
-        total += loss_sum.item()
-        count += n
-    return total / max(count, 1), count
+    losses, counts = example_losses(model, tok, [encode(tok, r, max_length) for r in records], batch_size)
+    return ExampleScores(loss=losses, tokens=counts, rouge_l=[]).mean_loss(), sum(counts)
+
+
+def text_examples(tok: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[Encoded]:
+    """Plain passages (no chat template) with every token labelled, cut at ``max_length`` tokens."""
+    out = []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"][:max_length]
+        out.append(Encoded(ids, list(ids)))
+    return out
+
+
+def text_losses(
+    model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: list[str], max_length: int, batch_size: int
+) -> ExampleScores:
+    """Per passage of plain text: mean next-token cross-entropy (its perplexity is exp of the token-weighted mean)."""
+    losses, counts = example_losses(model, tok, text_examples(tok, texts, max_length), batch_size)
+    return ExampleScores(loss=losses, tokens=counts, rouge_l=[])
 
 
 @torch.no_grad()
@@ -78,17 +102,23 @@ def score(
     gen_records: list[dict[str, Any]],
     cfg: EvalConfig,
     max_length: int,
-) -> tuple[ModelMetrics, list[str], list[float]]:
-    loss, tokens = heldout_loss(model, tok, records, max_length, cfg.batch_size)
+) -> tuple[ModelMetrics, list[str], ExampleScores]:
+    """Held-out loss of every record and ROUGE-L of greedy answers to ``gen_records``: the means, the
+    answers, and each example's scores (``records`` order; an example whose response was cut away
+    entirely by ``max_length`` has 0 tokens and weighs nothing)."""
+    losses, counts = example_losses(model, tok, [encode(tok, r, max_length) for r in records], cfg.batch_size)
     answers = generate_answers(
         model, tok, [prompt_text(tok, r) for r in gen_records], cfg.batch_size, cfg.max_new_tokens
     )
-    scores = rouge_l(answers, [reference(r) for r in gen_records])
+    per_example = ExampleScores(
+        loss=losses, tokens=counts, rouge_l=rouge_l(answers, [reference(r) for r in gen_records])
+    )
+    loss = per_example.mean_loss()
     metrics = ModelMetrics(
         loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
-        rouge_l=sum(scores) / max(len(scores), 1),
-        tokens=tokens,
+        rouge_l=per_example.mean_rouge_l(),
+        tokens=sum(counts),
         generated=len(gen_records),
     )
-    return metrics, answers, scores
+    return metrics, answers, per_example

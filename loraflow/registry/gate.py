@@ -6,13 +6,15 @@ acts on its :class:`Assessment` under the lock.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from loraflow import scores
 from loraflow import tags as T
 from loraflow.config import EvalConfig, PromotionConfig
-from loraflow.records import GateCheck, Verdict
+from loraflow.records import ExampleScores, GateCheck, Verdict
 from loraflow.registry.versions import (
     CHAMPION,
     HIGHER_IS_BETTER,
@@ -20,13 +22,14 @@ from loraflow.registry.versions import (
     aliases,
     eval_setting,
     get_version,
+    version_examples,
     version_or_none,
 )
 
 _EPS = 1e-9  # metrics from tags are printed with 6 significant digits
 
-# Re-scores a version on a held-out split: (version, split URI, eval settings, max length) -> metrics.
-Rescorer = Callable[[VersionInfo, str, EvalConfig, int], dict[str, float]]
+# Re-scores a version on a held-out split: (version, split URI, eval settings, max length) -> its per-example scores.
+Rescorer = Callable[[VersionInfo, str, EvalConfig, int], ExampleScores]
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,8 @@ class Assessment:
     rules: PromotionConfig = field(repr=False)
 
 
-def _check(name: str, kind: str, passed: bool, detail: str) -> GateCheck:
-    return GateCheck(name=name, kind=kind, passed=passed, detail=detail[:300])
+def _check(name: str, kind: str, passed: bool, detail: str, estimate: float | None = None, interval=None) -> GateCheck:
+    return GateCheck(name=name, kind=kind, passed=passed, detail=detail[:400], estimate=estimate, interval=interval)
 
 
 def files_check(client, info: VersionInfo) -> GateCheck:
@@ -98,10 +101,91 @@ def improvement(metric: str, candidate: float, reference: float) -> float:
     return candidate - reference if HIGHER_IS_BETTER[metric] else reference - candidate
 
 
+@dataclass(frozen=True)
+class Examples:
+    """Per-example scores the gate compares on (loraflow/scores.py); None where a version has none."""
+
+    candidate: ExampleScores | None = None  # the candidate on its held-out split
+    base: ExampleScores | None = None  # its base model (adapter off) on the same examples
+    champion: ExampleScores | None = None  # the champion on the candidate's split
+    general: dict[str, ExampleScores] | None = None  # the candidate's "base" and "finetuned" on the general text
+
+
+def _gain_interval(metric: str, cand: ExampleScores | None, ref: ExampleScores | None, level: float):
+    """Paired bootstrap interval of how much better cand is than ref, or None when that cannot be paired."""
+    if cand is None or ref is None:
+        return None
+    if metric == "loss":
+        if len(cand.loss) != len(ref.loss) or not sum(cand.tokens):
+            return None
+        low, high = scores.loss_interval(cand, level, other=ref)
+        return -high, -low  # lower loss is better
+    if len(cand.rouge_l) != len(ref.rouge_l) or not cand.rouge_l:
+        return None
+    return scores.rouge_l_interval(cand, level, other=ref)
+
+
+def _unpaired(cand: ExampleScores | None, ref: ExampleScores | None, label: str) -> str:
+    """Why a comparison falls back to means."""
+    if cand is None:
+        return "the candidate has no per-example scores (registered before loraflow logged them)"
+    if ref is None:
+        return f"the {label} has no per-example scores (registered before loraflow logged them)"
+    return f"the {label}'s examples do not pair with the candidate's"
+
+
+def _compare(
+    m: str, label: str, cand: float, ref: float, need: float, rule: str, interval, level: float, missing: str
+) -> GateCheck:
+    """One comparison rule: better by at least ``need`` (negative: worse by at most -need).
+
+    With an interval, the rule must hold at its unfavourable (lower) end: the candidate is promoted only on
+    a difference that the held-out examples show, not on noise. Without one, the means decide.
+    """
+    gain = improvement(m, cand, ref)
+    head = f"{m} {cand:.4f} vs {label} {ref:.4f}: better by {gain:+.4f}"
+    if interval is None:
+        ok = gain >= need - _EPS
+        return _check(f"{m} vs {label}", "metric", ok, f"{head}; rule: {rule} (means only: {missing})", gain)
+    ok = interval[0] >= need - _EPS
+    pct = f"{level:.0%}"
+    detail = f"{head}, {pct} interval [{interval[0]:+.4f}, {interval[1]:+.4f}]; rule: {rule} at its lower end"
+    return _check(f"{m} vs {label}", "metric", ok, detail, gain, interval)
+
+
+def general_check(rules: PromotionConfig, base: dict[str, float], tuned: dict[str, float], ex: Examples) -> GateCheck:
+    """The forgetting guard: general-text perplexity may rise over the base's by at most max_general_regression."""
+    limit = rules.max_general_regression
+    key = "general_perplexity"
+    name = f"general text vs base <= +{limit:.0%}"
+    if key not in tuned or key not in base:
+        return _check(name, "metric", True, "not measured: the version has no general-text perplexity "
+                      "(trained before the forgetting guard, or eval.general_text unset)")  # fmt: skip
+    increase = tuned[key] / base[key] - 1
+    head = f"general-text perplexity {tuned[key]:.3f} vs base {base[key]:.3f}: {increase:+.2%}"
+    if ex.general is None:
+        ok = increase <= limit + _EPS
+        return _check(name, "metric", ok, f"{head} (means only: no per-passage scores)", increase)
+    low, high = scores.loss_interval(ex.general["finetuned"], rules.confidence, other=ex.general["base"])
+    interval = (math.exp(low) - 1, math.exp(high) - 1)
+    ok = interval[1] <= limit + _EPS
+    detail = f"{head}, {rules.confidence:.0%} interval [{interval[0]:+.2%}, {interval[1]:+.2%}]; its upper end"
+    return _check(name, "metric", ok, f"{detail} must be <= +{limit:.0%}", increase, interval)
+
+
 def metric_checks(
-    candidate: dict[str, float], base: dict[str, float], champion: dict[str, float] | None, rules: PromotionConfig
+    candidate: dict[str, float],
+    base: dict[str, float],
+    champion: dict[str, float] | None,
+    rules: PromotionConfig,
+    examples: Examples = Examples(),
 ) -> list[GateCheck]:
-    """The rules on numbers: presence, absolute thresholds, beating the base, and the champion comparison."""
+    """The rules on numbers: presence, absolute thresholds, beating the base, the champion comparison, forgetting.
+
+    Comparisons are paired over examples where both sides have per-example scores (``examples``), and decided
+    on the lower end of the bootstrap interval of the improvement; otherwise on the means, and the check says so.
+    """
+    level = rules.confidence
     checks = []
     for m in rules.required_metrics:
         if m not in candidate:
@@ -115,21 +199,26 @@ def metric_checks(
     if rules.beat_base:
         for m in have:
             if m in base:
-                ok = improvement(m, candidate[m], base[m]) >= -_EPS
-                checks.append(_check(f"{m} vs base", "metric", ok, f"{m} {candidate[m]:.4f} vs base {base[m]:.4f}"))
+                interval = _gain_interval(m, examples.candidate, examples.base, level)
+                missing = _unpaired(examples.candidate, examples.base, "base")
+                checks.append(
+                    _compare(m, "base", candidate[m], base[m], 0.0, "at least as good", interval, level, missing)
+                )
     for m in have if champion is not None else []:
         if m not in champion:
             checks.append(_check(f"{m} vs champion", "metric", False, f"champion has no {m}"))
             continue
-        gain = improvement(m, candidate[m], champion[m])
         if m in rules.min_improvement:
             need = rules.min_improvement[m]
-            ok, rule = gain >= need - _EPS, f"improves by >= {need:g}"
+            rule = f"improves by >= {need:g}"
         else:
-            need = rules.max_regression.get(m, 0.0)
-            ok, rule = gain >= -need - _EPS, f"regresses by <= {need:g}"
-        detail = f"{m} {candidate[m]:.4f} vs champion {champion[m]:.4f} (better by {gain:+.4f}; rule: {rule})"
-        checks.append(_check(f"{m} vs champion", "metric", ok, detail))
+            need = -rules.max_regression.get(m, 0.0)
+            rule = f"regresses by <= {-need:g}"
+        interval = _gain_interval(m, examples.candidate, examples.champion, level)
+        missing = _unpaired(examples.candidate, examples.champion, "champion")
+        checks.append(_compare(m, "champion", candidate[m], champion[m], need, rule, interval, level, missing))
+    if rules.max_general_regression is not None:
+        checks.append(general_check(rules, base, candidate, examples))
     return checks
 
 
@@ -142,12 +231,21 @@ def assess(client, name: str, ref: str | int, rules: PromotionConfig, rescore: R
     candidate = get_version(client, name, ref)
     champion = version_or_none(client, name, aliases(client, name).get(CHAMPION))
     checks = integrity_checks(client, candidate, rules)
+    mine = version_examples(client, candidate)
+    examples = Examples(
+        candidate=mine.get(scores.HELDOUT, {}).get("finetuned"),
+        base=mine.get(scores.HELDOUT, {}).get("base"),
+        general=mine.get(scores.GENERAL),
+    )
     champion_metrics, reevaluated = None, False
     if champion is not None and champion.version != candidate.version:
         champion_metrics = champion.metrics
-        mine, theirs = eval_setting(client, candidate), eval_setting(client, champion)
-        if not mine.same_as(theirs):
-            if mine.split_uri is None or mine.eval is None or mine.max_seq_length is None:
+        examples = replace(
+            examples, champion=version_examples(client, champion).get(scores.HELDOUT, {}).get("finetuned")
+        )
+        setting, theirs = eval_setting(client, candidate), eval_setting(client, champion)
+        if not setting.same_as(theirs):
+            if setting.split_uri is None or setting.eval is None or setting.max_seq_length is None:
                 checks.append(
                     _check(
                         "comparable",
@@ -158,9 +256,11 @@ def assess(client, name: str, ref: str | int, rules: PromotionConfig, rescore: R
                     )
                 )
             else:
-                champion_metrics = rescore(champion, mine.split_uri, mine.eval, mine.max_seq_length)
+                rescored = rescore(champion, setting.split_uri, setting.eval, setting.max_seq_length)
+                champion_metrics = {"loss": rescored.mean_loss(), "rouge_l": rescored.mean_rouge_l()}
+                examples = replace(examples, champion=rescored)
                 reevaluated = True
-    checks += metric_checks(candidate.metrics, candidate.base_metrics, champion_metrics, rules)
+    checks += metric_checks(candidate.metrics, candidate.base_metrics, champion_metrics, rules, examples)
     verdict = Verdict(
         passed=all(c.passed for c in checks),
         checks=checks,

@@ -22,6 +22,9 @@ class VersionRow(Record):
     aliases: list[str]
     metrics: dict[str, float]
     base_metrics: dict[str, float]
+    intervals: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="Bootstrap intervals of its metrics over held-out examples (evaluate)."
+    )
     lineage: dict[str, str] = Field(description="Data, contract, base model, config, code, Prefect and MLflow runs.")
 
 
@@ -61,6 +64,7 @@ def lineage_of(tags: dict[str, str]) -> dict[str, str]:
         "prefect_flow_run": tags.get(T.FLOW_RUN_ID, ""),
         "mlflow_run": run_id,
         "eval_split": tags.get(T.EVAL_SPLIT, ""),
+        "eval_examples": tags.get(T.EVAL_EXAMPLES, ""),
         "merge_max_abs_logit_diff": tags.get(T.MERGE_MAX_ABS_LOGIT_DIFF, ""),
         "merge_tolerance": tags.get(T.MERGE_TOLERANCE, ""),
         "merged_model": tags.get(T.MERGED_PATH, ""),
@@ -84,6 +88,7 @@ def history(client, name: str) -> History:
                 aliases=sorted(by_version.get(str(mv.version), [])),
                 metrics=info.metrics,
                 base_metrics=info.base_metrics,
+                intervals=info.intervals,
                 lineage=lineage_of(info.tags),
             )
         )

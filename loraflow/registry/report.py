@@ -10,12 +10,25 @@ from pathlib import Path
 from loraflow.registry.audit import AuditRecord
 from loraflow.registry.history import History, VersionRow
 
-_VERSION_COLUMNS = ("version", "registered", "aliases", "loss", "rouge_l", "base loss", "merge dev", "data", "contract")
+_VERSION_COLUMNS = (
+    "version", "registered", "aliases", "loss", "rouge_l", "base loss", "general ppl", "base general ppl",
+    "merge dev", "data", "contract",
+)  # fmt: skip
+# Panels of the report's plot: metric, axis label, higher is better.
+_PANELS = (
+    ("loss", "held-out loss", False),
+    ("rouge_l", "held-out ROUGE-L", True),
+    ("general_perplexity", "general-text perplexity", False),
+)
 _MOVE_COLUMNS = ("seq", "when (UTC)", "action", "champion", "who", "gate", "reason", "flow run")
+_GATE_COLUMNS = ("version", "rule", "result", "better by", "interval", "detail")
 
 
-def _num(d: dict[str, float], key: str) -> str:
-    return f"{d[key]:.4f}" if key in d else "-"
+def _num(d: dict[str, float], key: str, intervals: dict[str, tuple[float, float]] | None = None) -> str:
+    if key not in d:
+        return "-"
+    interval = (intervals or {}).get(key)
+    return f"{d[key]:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
 
 
 def version_cells(row: VersionRow) -> list[str]:
@@ -24,9 +37,11 @@ def version_cells(row: VersionRow) -> list[str]:
         row.version,
         row.created[:19].replace("T", " "),
         ",".join(row.aliases) or "-",
-        _num(row.metrics, "loss"),
-        _num(row.metrics, "rouge_l"),
+        _num(row.metrics, "loss", row.intervals),
+        _num(row.metrics, "rouge_l", row.intervals),
         _num(row.base_metrics, "loss"),
+        _num(row.metrics, "general_perplexity"),
+        _num(row.base_metrics, "general_perplexity"),
         lin["merge_max_abs_logit_diff"] or "-",
         lin["data_digest"][:12] or "-",
         f"{lin['contract']}@{lin['contract_version']}" if lin["contract"] else "-",
@@ -83,23 +98,42 @@ def lineage_text(row: VersionRow) -> str:
     base = ", ".join(f"{k} {v:.4f}" for k, v in row.base_metrics.items())
     lines = [f"version {row.version} (registered {row.created}, aliases: {', '.join(row.aliases) or 'none'})"]
     lines += [f"  {k:<26}{v}" for k, v in row.lineage.items()]
+    intervals = ", ".join(f"{k} [{lo:.4f}, {hi:.4f}]" for k, (lo, hi) in row.intervals.items())
     lines += [f"  {'eval metrics':<26}{metrics}", f"  {'base model metrics':<26}{base}"]
+    lines += [f"  {'intervals (bootstrap)':<26}{intervals}"] if intervals else []
     return "\n".join(lines)
 
 
+def _span(row: VersionRow, metric: str) -> tuple[float, float] | None:
+    """The interval drawn around a version's metric: the general-text perplexity's comes from the paired
+    interval of its rise over the base (perplexity ratio - 1)."""
+    if metric != "general_perplexity":
+        return row.intervals.get(metric)
+    rise, base = row.intervals.get("general_increase"), row.base_metrics.get(metric)
+    return (base * (1 + rise[0]), base * (1 + rise[1])) if rise and base else None
+
+
 def metrics_png(h: History) -> bytes:
-    """Held-out loss and ROUGE-L across versions; champions (past and present) marked."""
+    """Held-out loss and ROUGE-L (with their bootstrap intervals) and general-text perplexity (fine-tuned and
+    base) across versions; champions (past and present) marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     champions = {m.to_version for m in h.moves}
     xs = [int(r.version) for r in h.versions]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    for ax, metric in zip(axes, ("loss", "rouge_l"), strict=True):
+    fig, axes = plt.subplots(1, len(_PANELS), figsize=(13, 3.8), dpi=100)
+    for ax, (metric, label, _) in zip(axes, _PANELS, strict=True):
         ys = [r.metrics.get(metric, float("nan")) for r in h.versions]
-        ax.plot(xs, ys, marker="o", lw=1.2, label="version")
+        spans = [_span(r, metric) for r in h.versions]
+        low = [y - s[0] if s else 0.0 for y, s in zip(ys, spans, strict=True)]
+        high = [s[1] - y if s else 0.0 for y, s in zip(ys, spans, strict=True)]
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", lw=1.2, capsize=3, label="version (bootstrap interval)")
+        if metric == "general_perplexity":
+            base = [r.base_metrics.get(metric, float("nan")) for r in h.versions]
+            ax.plot(xs, base, marker=".", ls="--", lw=1, color="gray", label="its base model")
         marked = [(x, y) for x, y, r in zip(xs, ys, h.versions, strict=True) if r.version in champions]
         if marked:
             ax.scatter(
@@ -109,16 +143,29 @@ def metrics_png(h: History) -> bytes:
         if current is not None and int(current) in xs:
             i = xs.index(int(current))
             ax.annotate("champion", (xs[i], ys[i]), textcoords="offset points", xytext=(0, 10), ha="center")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("model version")
-        ax.set_ylabel(f"held-out {metric}")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="best", fontsize=8)
+        ax.legend(loc="best", fontsize=7)
     fig.suptitle(h.model)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _gate_rows(moves: list[AuditRecord]) -> list[list[str]]:
+    """Every comparison a recorded gate made, with its interval when it had one."""
+    rows = []
+    for m in moves:
+        for c in m.verdict.checks if m.verdict else []:
+            if c.kind == "metric":
+                interval = f"[{c.interval[0]:+.4f}, {c.interval[1]:+.4f}]" if c.interval else "means only"
+                estimate = f"{c.estimate:+.4f}" if c.estimate is not None else "-"
+                rows.append([m.version, c.name, "passed" if c.passed else "FAILED", estimate, interval, c.detail])
+    return rows
 
 
 def _html_table(header: tuple[str, ...], rows: list[list[str]]) -> str:
@@ -145,6 +192,9 @@ previous-champion: {html.escape(h.aliases.get("previous-champion", "none"))}</p>
 <h2>Versions</h2>{_html_table(_VERSION_COLUMNS, [version_cells(r) for r in h.versions])}
 <h2>Alias moves</h2>{_html_table(_MOVE_COLUMNS, [move_cells(m) for m in h.moves])}
 <h2>Refused promotions</h2>{_html_table(_MOVE_COLUMNS, [move_cells(m) for m in h.refusals])}
+<h2>Gate comparisons</h2><p>Paired bootstrap intervals over held-out examples of how much better the candidate
+was; a rule holds at the interval's unfavourable end.</p>
+{_html_table(_GATE_COLUMNS, _gate_rows(sorted(h.moves + h.refusals, key=lambda m: m.at)))}
 <h2>Lineage</h2>{lineage}
 </body></html>
 """

@@ -16,15 +16,27 @@ from pathlib import Path
 
 import yaml
 
+from loraflow import scores
 from loraflow import tags as T
 from loraflow.config import ConfigError, EvalConfig, GateMetric, PipelineConfig, config_from_dict
 from loraflow.errors import UsageError
+from loraflow.records import ExampleScores
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 PREVIOUS = "previous-champion"
-METRIC_TAGS: dict[GateMetric, str] = {"loss": T.EVAL_LOSS, "rouge_l": T.EVAL_ROUGE_L}
-BASE_METRIC_TAGS: dict[GateMetric, str] = {"loss": T.BASE_EVAL_LOSS, "rouge_l": T.BASE_EVAL_ROUGE_L}
+# Held-out metrics (the gate's) and the general-text perplexity of the forgetting guard, by tag.
+METRIC_TAGS = {"loss": T.EVAL_LOSS, "rouge_l": T.EVAL_ROUGE_L, "general_perplexity": T.EVAL_GENERAL_PERPLEXITY}
+BASE_METRIC_TAGS = {
+    "loss": T.BASE_EVAL_LOSS,
+    "rouge_l": T.BASE_EVAL_ROUGE_L,
+    "general_perplexity": T.BASE_EVAL_GENERAL_PERPLEXITY,
+}
+INTERVAL_TAGS = {
+    "loss": T.EVAL_LOSS_INTERVAL,
+    "rouge_l": T.EVAL_ROUGE_L_INTERVAL,
+    "general_increase": T.EVAL_GENERAL_INCREASE_INTERVAL,
+}
 HIGHER_IS_BETTER: dict[GateMetric, bool] = {"loss": False, "rouge_l": True}
 
 
@@ -38,8 +50,18 @@ class VersionInfo:
     run_id: str
     created_ms: int
 
-    def _floats(self, tags: dict[GateMetric, str]) -> dict[str, float]:
+    def _floats(self, tags: dict[str, str]) -> dict[str, float]:
         return {m: float(self.tags[t]) for m, t in tags.items() if self.tags.get(t)}
+
+    @property
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        """Bootstrap intervals of the version's own metrics (evaluate stage), where recorded."""
+        out = {}
+        for m, t in INTERVAL_TAGS.items():
+            if self.tags.get(t):
+                low, high = self.tags[t].split(",")
+                out[m] = (float(low), float(high))
+        return out
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -166,3 +188,22 @@ def eval_setting(client, info: VersionInfo) -> EvalSetting:
         eval=cfg.eval if cfg else None,
         max_seq_length=cfg.train.max_seq_length if cfg else None,
     )
+
+
+def version_examples(client, info: VersionInfo) -> dict[str, dict[str, ExampleScores]]:
+    """The per-example scores of a version's evaluation (loraflow/scores.py); {} when it has none.
+
+    Versions registered before loraflow logged them have no such artifact: the gate then compares means.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = info.tags.get(T.EVAL_EXAMPLES)
+    if not uri:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(uri, dst_path=tmp, tracking_uri=client.tracking_uri)
+            return scores.read_examples(Path(local))
+        except (MlflowException, OSError, ValueError, KeyError):  # gone, or not this format: means only
+            return {}

@@ -62,6 +62,9 @@ def test_run_registers_candidate_with_lineage(deployed_stack, finetune_run):
     assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "data", "eval"} <= artifacts
+    # The per-example scores go with the run and the version points at them: the gate pairs on them.
+    assert mv.tags[T.EVAL_EXAMPLES] == f"runs:/{parent.info.run_id}/eval/examples.jsonl"
+    assert "eval/examples.jsonl" in {a.path for a in client.list_artifacts(parent.info.run_id, "eval")}
     train_artifacts = {a.path for a in client.list_artifacts(stages["train"].info.run_id, "train")}
     assert {"train/loss_curve.png", "train/loss_curve.json"} <= train_artifacts
     assert abs(stages["merge"].data.metrics["merge/max_abs_logit_diff"] - summary.merged.max_abs_logit_diff) < 1e-12
@@ -175,6 +178,9 @@ def test_rerun_skips_unchanged_stages_visibly(deployed_stack, finetune_run, tiny
     assert tags["loraflow.cached.train"] == str(Path(first.run_dir) / "adapter")
     assert tags["loraflow.cached.merge"] == first.merged.path
     assert "loraflow.cached.evaluate" in tags
+    # A reused evaluation still puts its per-example scores into the new run, for the gate.
+    run_id = second.tags[T.MLFLOW_RUN_ID]
+    assert "eval/examples.jsonl" in {a.path for a in client.list_artifacts(run_id, "eval")}
     with SyncPrefectClient(deployed_stack.prefect_api_url) as prefect:
         flow_run_id = second.tags[T.FLOW_RUN_ID]
         task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))

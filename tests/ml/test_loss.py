@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraflow.ml.loss import token_loss_sum
+from loraflow.ml.loss import row_loss_sums, token_loss_sum
 from loraflow.ml.models import (
     load_quantized,
 )
@@ -48,3 +48,17 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny_quantized, tok,
     for k in nonzero:
         error = (grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()
         assert error < 1e-2, f"{k}: relative gradient error {error:.2e}"
+
+
+@pytest.mark.parametrize("chunk_tokens", [3, 2048])
+def test_row_loss_sums_add_up_to_the_batch_loss(tiny_quantized, tok, chunk_tokens) -> None:
+    """Per-example sums (the gate's bootstrap input) are the batch loss taken apart, row by row."""
+    model = load_quantized(tiny_quantized.path).eval()
+    batch = records_batch(tok)
+    with torch.no_grad():
+        total, n = token_loss_sum(model, batch)
+        sums, counts = row_loss_sums(model, batch, chunk_tokens=chunk_tokens)
+        first, first_n = token_loss_sum(model, {k: v[:1] for k, v in batch.items()})
+    assert counts.tolist() == (batch["labels"][:, 1:] != -100).sum(dim=1).tolist() and int(counts.sum()) == n
+    assert sums.sum().item() == pytest.approx(total.item(), rel=1e-5)
+    assert sums[0].item() == pytest.approx(first.item(), rel=1e-3) and int(counts[0]) == first_n

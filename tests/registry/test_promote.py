@@ -20,10 +20,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from loraflow import scores
 from loraflow import tags as T
 from loraflow.config import EvalConfig, LoraConfig, MergeConfig, PromotionConfig, RegisterConfig, TrainConfig
 from loraflow.errors import RegistryError, UsageError
-from loraflow.records import Adapter, EvalReport, Lineage, MergedModel, ModelMetrics, QuantizedBase, ValidatedData
+from loraflow.records import (
+    Adapter,
+    EvalReport,
+    ExampleScores,
+    GeneralTextMetrics,
+    Lineage,
+    MergedModel,
+    ModelMetrics,
+    QuantizedBase,
+    ValidatedData,
+)
 from loraflow.registry import audit, gate, history, moves
 from loraflow.registry import versions as registered
 from tests.conftest import make_validated_data, tiny_records, torch_threads
@@ -41,7 +52,9 @@ def test_metric_rules_improvement_regression_threshold_and_base() -> None:
     base = {"loss": 3.0, "rouge_l": 0.1}
     champion = {"loss": 1.0, "rouge_l": 0.5}
     ok = gate.metric_checks({"loss": 0.9, "rouge_l": 0.49}, base, champion, rules)
-    assert all(c.passed for c in ok) and len(ok) == 5  # threshold, 2 x base, 2 x champion
+    assert all(c.passed for c in ok) and len(ok) == 6  # threshold, 2 x base, 2 x champion, forgetting
+    assert "not measured" in ok[-1].detail  # no general-text scores: the forgetting guard says so
+    assert all("means only" in c.detail for c in ok[1:5])  # no per-example scores either: means decide
     small_gain = gate.metric_checks({"loss": 0.97, "rouge_l": 0.6}, base, champion, rules)
     assert [c.name for c in small_gain if not c.passed] == ["loss vs champion"]
     rouge_drop = gate.metric_checks({"loss": 0.5, "rouge_l": 0.47}, base, champion, rules)
@@ -50,6 +63,70 @@ def test_metric_rules_improvement_regression_threshold_and_base() -> None:
     assert [c.name for c in first if not c.passed] == ["loss <= 2"]
     worse_than_base = gate.metric_checks({"loss": 3.5, "rouge_l": 0.2}, base, None, PromotionConfig())
     assert [c.name for c in worse_than_base if not c.passed] == ["loss vs base"]
+
+
+def per_example(loss, rouge) -> ExampleScores:
+    return ExampleScores(loss=[float(x) for x in loss], tokens=[10] * len(loss), rouge_l=[float(x) for x in rouge])
+
+
+def test_paired_rules_promote_a_real_win_and_refuse_one_that_noise_explains() -> None:
+    """Two candidates beat the champion's mean loss by more than min_improvement; only one does so on the examples."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n, rules = 64, PromotionConfig(min_improvement={"loss": 0.05}, max_regression={"rouge_l": 0.05})
+    hard, rouge = rng.normal(2.0, 0.8, n), rng.uniform(0.1, 0.6, n)
+    champion = per_example(hard, rouge)
+    base = per_example(hard + 1.0, rouge - 0.1)
+    real = per_example(hard - 0.1 + rng.normal(0, 0.02, n), rouge)  # 0.1 better on every example
+    noise = rng.normal(0, 0.6, n)
+    lucky = per_example(hard + noise - noise.mean() - 0.1, rouge)  # 0.1 better on average, by chance
+    means = {"loss": champion.mean_loss(), "rouge_l": champion.mean_rouge_l()}
+    base_means = {"loss": base.mean_loss(), "rouge_l": base.mean_rouge_l()}
+
+    def loss_check(candidate: ExampleScores):
+        checks = gate.metric_checks(
+            {"loss": candidate.mean_loss(), "rouge_l": candidate.mean_rouge_l()}, base_means, means, rules,
+            gate.Examples(candidate=candidate, base=base, champion=champion),
+        )  # fmt: skip
+        return next(c for c in checks if c.name == "loss vs champion"), checks
+
+    win, checks = loss_check(real)
+    assert win.passed and win.estimate == pytest.approx(0.1, abs=0.01) and win.interval[0] > 0.05
+    assert "90% interval [+0.09" in win.detail and all(c.passed for c in checks)
+    chance, _ = loss_check(lucky)
+    assert chance.estimate == pytest.approx(0.1, abs=1e-6)  # the means alone would promote it
+    assert not chance.passed and chance.interval[0] < 0.05 < chance.interval[1]
+    # The same numbers without per-example scores (versions registered before they were logged): means decide.
+    old = gate.metric_checks({"loss": lucky.mean_loss(), "rouge_l": 0.4}, base_means, means, rules)
+    old_loss = next(c for c in old if c.name == "loss vs champion")
+    assert old_loss.passed and old_loss.interval is None and "means only" in old_loss.detail
+
+
+def test_forgetting_guard_refuses_a_candidate_whose_general_perplexity_rose_too_far() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    base_text = rng.normal(2.5, 0.5, 300)
+    rules = PromotionConfig(max_general_regression=0.05)
+    held = {"loss": 1.0, "rouge_l": 0.5}
+
+    def guard(rise: float):
+        general = {"base": per_example(base_text, []), "finetuned": per_example(base_text + rise, [])}
+        tags = {"general_perplexity": float(np.exp(general["finetuned"].mean_loss()))}
+        base = {"general_perplexity": float(np.exp(general["base"].mean_loss()))}
+        (check,) = gate.metric_checks(
+            held | tags, base | {"loss": 2.0, "rouge_l": 0.1}, None, rules.model_copy(update={"beat_base": False}),
+            gate.Examples(general=general),
+        )  # fmt: skip
+        return check
+
+    kept = guard(0.02)  # +2.0% perplexity
+    assert kept.passed and kept.estimate == pytest.approx(np.exp(0.02) - 1) and "+2.02%" in kept.detail
+    forgot = guard(0.08)  # +8.3%
+    assert not forgot.passed and forgot.interval[1] > 0.05 and forgot.name == "general text vs base <= +5%"
+    with pytest.raises(ValueError):
+        PromotionConfig(max_general_regression=-0.1)
 
 
 def test_rules_must_name_required_metrics_and_refs_must_name_this_model() -> None:
@@ -129,8 +206,15 @@ class Registrar:
         self.name = f"promo-{uuid.uuid4().hex[:8]}"
 
     def register(
-        self, loss: float, rouge: float, data: ValidatedData | None = None, merged_path: str | None = None
+        self,
+        loss: float,
+        rouge: float,
+        data: ValidatedData | None = None,
+        merged_path: str | None = None,
+        examples: dict[str, dict[str, ExampleScores]] | None = None,
+        general: GeneralTextMetrics | None = None,
     ) -> str:
+        """A version with these metrics; with ``examples`` also its per-example scores (else: an old version)."""
         from loraflow.tracking import MlflowTracker
         from tasks.register import register
 
@@ -148,6 +232,10 @@ class Registrar:
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
         parent.log_artifact(folder / "config.yaml")
         parent.log_artifact(data.eval_path, "data")
+        examples_uri = ""
+        if examples is not None:
+            parent.log_artifact(scores.write_examples(folder / "eval" / scores.EXAMPLES_FILE, examples), "eval")
+            examples_uri = f"runs:/{parent.run_id}/eval/{scores.EXAMPLES_FILE}"
         lineage = Lineage(
             data_digest=data.digest,
             data_source=data.source,
@@ -159,10 +247,13 @@ class Registrar:
             flow_run_id=str(uuid.uuid4()),
             mlflow_run_id=parent.run_id,
             eval_split=f"runs:/{parent.run_id}/data/{Path(data.eval_path).name}",
+            eval_examples=examples_uri,
         )
         metrics = ModelMetrics(loss=loss, perplexity=2.0, rouge_l=rouge, tokens=10, generated=4)
         base_metrics = ModelMetrics(loss=9.0, perplexity=9.0, rouge_l=0.0, tokens=10, generated=4)
-        evaluation = EvalReport(base=base_metrics, finetuned=metrics, samples_path="-", seconds=0.0)
+        evaluation = EvalReport(
+            base=base_metrics, finetuned=metrics, general=general, samples_path="-", examples_path="-", seconds=0.0
+        )
         merged = self.merged.model_copy(update={"path": merged_path}) if merged_path else self.merged
         return register(
             self.adapter, self.base, evaluation, merged, lineage, RegisterConfig(model_name=self.name), self.uri, 4
@@ -307,6 +398,40 @@ def test_champion_is_rescored_on_the_candidates_split_when_data_changed(reg: Reg
     assert verdict.reevaluated and verdict.champion_version == v1
     assert verdict.champion["loss"] != 0.5 and verdict.champion["loss"] > 1.0  # the real score, not the tag
     assert verdict.passed  # the tiny adapter's real loss on those rows is far above 0.4
+    # v2 was registered without per-example scores (as before this version of loraflow): means only, said so.
+    (loss_check,) = [c for c in verdict.checks if c.name == "loss vs champion"]
+    assert loss_check.interval is None and "means only" in loss_check.detail
+
+
+@integration
+def test_rescored_champion_is_compared_example_by_example(reg: Registrar, other_split, tiny_quantized) -> None:
+    """The champion re-scored on the candidate's split comes back per example, so the comparison stays paired."""
+    from tasks.reevaluate import score_version
+
+    client = client_of(reg)
+    v1 = reg.register(0.5, 0.3)
+    assert promote(reg, v1).promoted
+    uri = registered.get_version(client, reg.name, v1).uri
+    with torch_threads(1):  # the champion on the candidate's held-out rows, as the gate will re-score it
+        champion = score_version(reg.uri, uri, Path(other_split.eval_path).as_uri(), EVAL, TRAIN.max_seq_length)
+    rows = len(champion.loss)
+    assert rows == 4 and len(champion.rouge_l) == 4 and sum(champion.tokens) > 0
+    # A candidate on the other split that is 0.3 nats better on every example than the champion would be.
+    better = champion.model_copy(update={"loss": [x - 0.3 for x in champion.loss]})
+    v2 = reg.register(
+        better.mean_loss(), champion.mean_rouge_l(), data=other_split,
+        examples={"heldout": {"base": champion, "finetuned": better}},
+    )  # fmt: skip
+
+    def rescore(version, split_uri, eval_cfg, max_length):
+        with torch_threads(1):
+            return score_version(reg.uri, version.uri, split_uri, eval_cfg, max_length)
+
+    verdict = gate.assess(client, reg.name, v2, RULES, rescore).verdict
+    (loss_check,) = [c for c in verdict.checks if c.name == "loss vs champion"]
+    assert verdict.reevaluated and loss_check.interval is not None
+    # Paired: every example improved by exactly 0.3, so the interval is that point, whatever the spread.
+    assert loss_check.interval == pytest.approx((0.3, 0.3), abs=1e-6) and loss_check.passed
 
 
 @integration
