@@ -105,7 +105,7 @@ def pg_home():
     shutil.rmtree(top, ignore_errors=True)
 
 
-def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _cli(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         env={**os.environ, **env},
