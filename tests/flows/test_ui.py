@@ -73,6 +73,9 @@ def test_custom_run_from_the_prefect_ui_form(ui_stack, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     with SyncPrefectClient(ui_stack.prefect_api_url) as client:
         deployment = client.read_deployment_by_name("finetune/cpu")
+        by_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        # `loraflow run` submits this deployment too (other tests on the shared stack): only new runs count.
+        before = {r.id for r in client.read_flow_runs(deployment_filter=by_deployment)}
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -100,10 +103,8 @@ def test_custom_run_from_the_prefect_ui_form(ui_stack, tmp_path):
         browser.close()
 
     with SyncPrefectClient(ui_stack.prefect_api_url) as client:
-        runs = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-        )
+        runs = client.read_flow_runs(deployment_filter=by_deployment, sort=FlowRunSort.EXPECTED_START_TIME_DESC)
+    runs = [r for r in runs if r.id not in before]
     assert len(runs) == 1, "exactly the one run started from the form"
     flow_run_id = str(runs[0].id)
 
