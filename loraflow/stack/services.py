@@ -391,6 +391,16 @@ def _wait_healthy(s: StackSettings, svcs: list[_Service], deadline: float) -> No
             time.sleep(_POLL_SECONDS)
 
 
+def _start_missing(s: StackSettings, svcs: list[_Service], started: list[str]) -> None:
+    """Start those of ``svcs`` not running (clearing what a crashed one left first), adding each to ``started``
+    as it starts: if a later one fails, up() stops the ones already started."""
+    for svc in svcs:
+        if _our_process(s, svc.name) is None:
+            _clear_dead(s, svc.name)
+            _start(s, svc)
+            started.append(svc.name)
+
+
 def up(s: StackSettings, timeout: float = 120) -> StackStatus:
     """Start whatever of the stack is not running and wait until every service is healthy.
 
@@ -418,28 +428,17 @@ def up(s: StackSettings, timeout: float = 120) -> StackStatus:
     started: list[str] = []
     try:
         if s.backend == "postgres":
-            if _our_process(s, POSTGRES) is None:
-                _clear_dead(s, POSTGRES)
-                _start(s, svcs[POSTGRES])
-                started.append(POSTGRES)
+            _start_missing(s, [svcs[POSTGRES]], started)
             _wait_healthy(s, [svcs[POSTGRES]], deadline)
             ensure_databases(s)
         # The two servers start side by side (Prefect takes ~11 s on a first start); the pool
         # needs the Prefect server, and the worker needs the pool.
         servers = [svcs[PREFECT], svcs[MLFLOW]]
-        for svc in servers:
-            if _our_process(s, svc.name) is None:
-                _clear_dead(s, svc.name)
-                _start(s, svc)
-                started.append(svc.name)
+        _start_missing(s, servers, started)
         _wait_healthy(s, servers, deadline)
         ensure_pool(s)
         workers = [svcs[WORKER], svcs[CPU_WORKER]]
-        for svc in workers:
-            if _our_process(s, svc.name) is None:
-                _clear_dead(s, svc.name)
-                _start(s, svc)
-                started.append(svc.name)
+        _start_missing(s, workers, started)
         _wait_healthy(s, workers, deadline)
     except BaseException:
         _stop_in_order(s, started)
