@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,9 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 def write_config(path: Path, base: Path, data: Path, model_name: str = MODEL_NAME) -> Path:
+    """A run config for the tiny base. Its training seed is derived from `model_name`: the stage cache keys on
+    what a stage computes (not on the registry name), so two tests on the shared stack with the same training
+    would otherwise share a cached train stage, and a test that asserts a fresh run would see a cache hit."""
     # max_seq_length 96: the fixture's longest example is 91 tokens with the tiny tokenizer, and the
     # contract refuses data whose share over max_seq_length exceeds 1%.
     cfg = {
@@ -58,7 +62,8 @@ def write_config(path: Path, base: Path, data: Path, model_name: str = MODEL_NAM
             "allowed_roots": [str(data.parent)],  # the config lives elsewhere
         },
         "lora": {"r": 4, "alpha": 8},
-        "train": {"learning_rate": 5e-3, "max_steps": 6, "batch_size": 4, "max_seq_length": 96, "checkpoint_every": 3},
+        "train": {"learning_rate": 5e-3, "max_steps": 6, "batch_size": 4, "max_seq_length": 96, "checkpoint_every": 3,
+                  "seed": zlib.crc32(model_name.encode()) % 100_000},
         "eval": {"batch_size": 8, "max_new_tokens": 6},
         "merge": {"verify_rows": 4, "tolerance": 1e-3},
         "registry": {"model_name": model_name},
