@@ -18,9 +18,6 @@ _LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
 # `is_activation_checkpointing`; loraflow itself never calls it, and peft's next release stops.
 WARNINGS = [
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
-    # MLflow asks for type hints on PythonModel.predict to infer a schema; loraflow logs an explicit
-    # signature (strings in, strings out, max_new_tokens as a param), which hints would only narrow.
-    (UserWarning, r".*Add type hints to the `predict` method"),
 ]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 PROMPT_COLUMN = "prompt"
 
@@ -37,9 +38,14 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(cfg["max_new_tokens"])  # EvalConfig.max_new_tokens of the run that registered it
         self.batch_size = int(cfg.get("batch_size", 8))
 
-    # No type hints here: MLflow would derive a (stricter) schema from them; the logged signature rules.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
-        """Greedy answers to a list of prompts, a string, or a DataFrame with a 'prompt' column."""
+    # `pd.DataFrame` is what MLflow hands over after enforcing the logged signature (a list or a string
+    # arrives as a one-column frame), and a hint MLflow infers no schema from: the logged signature,
+    # with its `max_new_tokens` param, stays the one schema. (A `list[str]` hint would replace it and
+    # drop the param; no hint at all makes MLflow warn on every load.)
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str]:
+        """Greedy answers to the prompts: a DataFrame's 'prompt' (or first) column; a list or string called directly."""
         from loraflow.ml.prompts import prompt_text
         from loraflow.ml.scoring import generate_answers
 
