@@ -92,22 +92,43 @@ def _summary(home: Path, run_name: str | None, flow_run_id: str) -> RunSummary:
 
 
 def recent_runs(settings, limit: int) -> list[str]:
-    """One line per recent finetune flow run, newest first."""
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    """One line per recent finetune flow run, newest first, then when the schedule starts the next one."""
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
     from loraflow.stack.services import prefect_client
 
+    finetune = FlowFilter(name=FlowFilterName(any_=["finetune"]))
+    scheduled = FlowRunFilterStateType(any_=[StateType.SCHEDULED])
     with prefect_client(settings) as client:
+        # A schedule keeps its future runs as Scheduled flow runs without a start time: listed apart, as one line.
         runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["finetune"])),
+            flow_filter=finetune,
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=scheduled.any_))
+            ),
             sort=FlowRunSort.START_TIME_DESC,
             limit=limit,
+        )
+        upcoming = client.read_flow_runs(
+            flow_filter=finetune,
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=scheduled)),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=1,
         )
     lines = [f"{'NAME':<28}{'STATE':<12}{'STARTED (UTC)':<22}ID"]
     for r in runs:
         started = r.start_time.strftime("%Y-%m-%d %H:%M:%S") if r.start_time else "-"
         lines.append(f"{r.name:<28}{(r.state.name if r.state else '-'):<12}{started:<22}{r.id}")
+    if upcoming:
+        lines.append(f"next scheduled: {upcoming[0].expected_start_time:%Y-%m-%d %H:%M:%S} UTC ({upcoming[0].name})")
     return lines
 
 

@@ -145,6 +145,14 @@ def test_a_month_of_nightly_runs(own_stack, tiny_base, tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "flows.cli", "status"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    # `loraflow runs` finds the nights newest first; the schedule's future runs are one line at the end.
+    listed = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "runs", "--limit", "5"], env=env, capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    rows = listed.stdout.splitlines()
+    assert rows[1].split()[1] == "Completed" and str(run_id) in rows[1], listed.stdout  # the last night
+    assert not any("Scheduled" in row for row in rows[1:6]), listed.stdout
     wall = time.monotonic() - started
 
     client = MlflowClient(tracking_uri=s.mlflow_url)
