@@ -132,22 +132,32 @@ def _run(
     settings = _settings(backend)
     if start_stack:
         up(settings)
-    elif not status(settings).all_healthy:
-        raise UsageError(
-            f"the local stack is not running under {settings.home}: "
-            "start it with `loraflow up` (or use `loraflow demo`)."
-        )
-    if start_stack:
         from flows.deploy import apply_saved
 
         apply_saved(settings.home, DEMO_CONFIG)
-    from flows.preflight import preflight, raise_if_any
+    from flows.preflight import Problem, preflight, raise_if_any
 
     # The flow's parameters are stored by Prefect: the URI goes in without its credential.
     tracking_uri = (
         _without_credential(config.tracking.uri, "tracking.uri") if config.tracking.uri else settings.mlflow_url
     )
-    raise_if_any(preflight(config, settings.home, tracking_uri, settings.prefect_api_url))
+    # A stopped stack is one problem among the config's, not a reason to leave them for the next try.
+    running = start_stack or status(settings).all_healthy
+    problems = preflight(
+        config,
+        settings.home,
+        tracking_uri if running or config.tracking.uri else None,
+        settings.prefect_api_url if running else None,
+    )
+    if not running:
+        problems.append(
+            Problem(
+                f"the local stack is not running under {settings.home}: start it with `loraflow up` "
+                "(or use `loraflow demo`)",
+                False,
+            )
+        )
+    raise_if_any(problems)
     _reconcile(settings, tracking_uri)
     params = {"config": config, "home": str(settings.home), "tracking_uri": tracking_uri, "fresh": fresh}
     if in_process:

@@ -29,6 +29,8 @@ GGUF_TO_FP32 = 8
 # (fp32 by default), the 4-bit checkpoint, checkpoints and the run's files, as multiples of the
 # fp32 base, plus a fixed margin.
 DISK_FACTOR, DISK_MARGIN = 2.5, 512 * 2**20
+# With no contract to give a size limit, the file's other checks still run; its size waits for one.
+MAX_BYTES_UNKNOWN_CONTRACT = 2**63
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,15 @@ class Problem:
 
 
 def preflight(
-    config: PipelineConfig, home: Path, tracking_uri: str, prefect_api_url: str | None = None
+    config: PipelineConfig, home: Path, tracking_uri: str | None, prefect_api_url: str | None = None
 ) -> list[Problem]:
-    """Every problem that would stop this run, found without loading a model or reading the data."""
+    """Every problem that would stop this run, found without loading a model or reading the data.
+
+    A server given as None is not asked (the CLI reports a stopped local stack once, on its own).
+    """
     base = _base_model(config)
-    problems = _data(config) + base + ([] if base else _disk(config, home)) + _mlflow(config, tracking_uri)
+    problems = _data(config) + base + ([] if base else _disk(config, home))
+    problems += _mlflow(config, tracking_uri) if tracking_uri else []
     return problems + (_prefect(prefect_api_url) if prefect_api_url else [])
 
 
@@ -56,18 +62,23 @@ def raise_if_any(problems: list[Problem]) -> None:
 
 
 def _data(config: PipelineConfig) -> list[Problem]:
+    """The contract and the file, each reported: an unknown contract still lets the file be checked."""
+    problems, limits = [], {}
     try:
-        meta = read_meta(config.data.contract)
+        limits = read_meta(config.data.contract)["format"]
+    except LoraflowError as e:
+        problems.append(Problem(str(e), isinstance(e, UsageError)))
+    try:
         check_source(
             Path(config.data.path),
             config.data.format,
             config.data.allowed_roots,
-            int(meta["format"]["max_file_mb"] * 2**20),
-            meta["format"].get("accepted"),
+            int(limits["max_file_mb"] * 2**20) if limits else MAX_BYTES_UNKNOWN_CONTRACT,
+            limits.get("accepted"),
         )
     except LoraflowError as e:
-        return [Problem(str(e), isinstance(e, UsageError))]
-    return []
+        problems.append(Problem(str(e), isinstance(e, UsageError)))
+    return problems
 
 
 def _base_model(config: PipelineConfig) -> list[Problem]:
