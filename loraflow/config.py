@@ -63,6 +63,9 @@ class BaseModelConfig(_Section):
     gguf_file: str | None = Field(
         None, description="File name of the GGUF checkpoint inside `path` (required when source is 'gguf')."
     )
+    trust_remote_code: bool = Field(
+        False, description="Let this model run Python code shipped in its folder (auto_map); only for code you trust."
+    )
 
     @model_validator(mode="after")
     def _gguf_needs_file(self) -> BaseModelConfig:
