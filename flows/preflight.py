@@ -73,7 +73,7 @@ def _data(config: PipelineConfig) -> list[Problem]:
 def _base_model(config: PipelineConfig) -> list[Problem]:
     b = config.base_model
     try:
-        folder = resolve_model_path(b.path)
+        folder = resolve_model_path(b.path, b.allowed_roots)
     except UsageError as e:
         return [Problem(f"base model: {e}", True)]
     if b.source == "gguf":
@@ -95,7 +95,7 @@ def _base_model(config: PipelineConfig) -> list[Problem]:
 def base_model_bytes(config: PipelineConfig) -> int:
     """The base model's size in fp32 (estimated from its files)."""
     b = config.base_model
-    folder = resolve_model_path(b.path)
+    folder = resolve_model_path(b.path, b.allowed_roots)
     if b.source == "gguf":
         return (folder / str(b.gguf_file)).stat().st_size * GGUF_TO_FP32
     weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin")]

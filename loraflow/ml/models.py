@@ -37,7 +37,7 @@ def prepare_base(cfg: BaseModelConfig, cache_dir: Path) -> BaseModelRef:
     ``save_pretrained`` on a GGUF-loaded model, so a plain model is built from its config and
     given its state dict.
     """
-    src = resolve_model_path(cfg.path)
+    src = resolve_model_path(cfg.path, cfg.allowed_roots)
     trust = cfg.trust_remote_code
     if cfg.source == "hf":
         if not (src / "config.json").is_file():

@@ -7,15 +7,19 @@ import importlib.util
 import json
 from pathlib import Path
 
-from loraflow.config import BaseModelConfig
+from loraflow.config import BaseModelConfig, check_inside_roots
 from loraflow.errors import UsageError
 
 # The files where a model folder names Python classes of its own (auto_map) for transformers to import.
 CODE_MAPS = ("config.json", "tokenizer_config.json")
 
 
-def resolve_model_path(path: str) -> Path:
-    """A local directory, or 'pkg:<module>' for an installed package's folder (found without importing it)."""
+def resolve_model_path(path: str, allowed_roots: list[str] | None = None) -> Path:
+    """A local directory, or 'pkg:<module>' for an installed package's folder (found without importing it).
+
+    A local directory and every file in it must lie inside ``allowed_roots`` (``base_model.allowed_roots``;
+    None: anywhere) once symlinks are resolved; an installed package is where the import system finds it.
+    """
     if path.startswith("pkg:"):
         module = path[4:]
         spec = importlib.util.find_spec(module)
@@ -32,6 +36,10 @@ def resolve_model_path(path: str) -> Path:
             f"base_model.path {path!r} is not a directory. loraflow loads models from local disk only "
             f"(the Hugging Face Hub is not used at run time): download or convert the model first."
         )
+    where = {"kind": "model", "setting": "base_model.allowed_roots"}
+    check_inside_roots(p, allowed_roots, what="model folder", **where)
+    for f in p.rglob("*"):  # a link inside the folder must not lead out either
+        check_inside_roots(f, allowed_roots, what=f"model file {f.relative_to(p)} ->", **where)
     return p
 
 

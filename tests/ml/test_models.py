@@ -204,3 +204,46 @@ def test_every_model_load_says_whether_it_may_run_code() -> None:
             if loads_model and "trust_remote_code" not in {k.arg for k in node.keywords}:
                 missing.append(f"{path.relative_to(root)}:{node.lineno} {owner}.{node.func.attr}")
     assert missing == []
+
+
+# --- where a model may come from (base_model.allowed_roots) ---
+
+
+def test_a_model_folder_outside_the_allowed_roots_is_refused(tiny_model_dir, tmp_path) -> None:
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    model = shutil.copytree(tiny_model_dir, outside / "tiny")
+    (inside / "link").symlink_to(model, target_is_directory=True)  # a symlink cannot smuggle a folder in
+    for path in (model, inside / "link"):
+        cfg = BaseModelConfig(name="tiny", path=str(path), allowed_roots=[str(inside)])
+        with pytest.raises(UsageError) as e:
+            prepare_base(cfg, tmp_path / "cache")
+        assert str(e.value) == (
+            f"model folder {model} is outside the allowed model roots ({inside}); "
+            "move it under one of them or add its folder to base_model.allowed_roots"
+        )
+        assert e.value.exit_code == 2
+    # Accepted inside its roots, or anywhere with none configured (a config built in code).
+    assert prepare_base(BaseModelConfig(name="tiny", path=str(model), allowed_roots=[str(outside)]), tmp_path / "c")
+    assert prepare_base(BaseModelConfig(name="tiny", path=str(model)), tmp_path / "c").path == str(model)
+
+
+def test_a_file_linked_out_of_the_roots_is_refused_too(tiny_model_dir, tmp_path) -> None:
+    """The folder lies inside, but its weights are a symlink to a file elsewhere: that file is outside."""
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    model = shutil.copytree(tiny_model_dir, inside / "tiny")
+    outside.mkdir()
+    weights = (model / "model.safetensors").replace(outside / "model.safetensors")
+    (model / "model.safetensors").symlink_to(weights)
+    with pytest.raises(UsageError, match=r"^model file model.safetensors -> .*outside/model.safetensors is outside"):
+        prepare_base(BaseModelConfig(name="tiny", path=str(model), allowed_roots=[str(inside)]), tmp_path / "cache")
+    both = [str(inside), str(outside)]
+    assert prepare_base(BaseModelConfig(name="tiny", path=str(model), allowed_roots=both), tmp_path / "cache")
+
+
+def test_an_installed_package_is_found_where_python_installed_it(tmp_path) -> None:
+    """'pkg:<module>' names an installed package, not a path the config chose: the roots do not apply."""
+    from loraflow.ml.paths import resolve_model_path
+
+    folder = resolve_model_path("pkg:loraflow", allowed_roots=[str(tmp_path)])
+    assert (folder / "config.py").is_file()
