@@ -1,7 +1,7 @@
 """Run bookkeeping for the finetune flow: run directory, MLflow parent run, lineage, summary artifacts.
 
-Also what every flow does first (:func:`entry_point`), and the Prefect artifact helpers that every
-artifact goes through, redacted like every other writer (loraflow/credentials.py).
+Also what every flow does first (:func:`entry_point`), and the Prefect helpers that every artifact and every
+flow-run or deployment parameter goes through, redacted like every other writer (loraflow/credentials.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -70,6 +71,11 @@ def resolve_locations(config: PipelineConfig, home: str | None, tracking_uri: st
             "the worker with them set (`loraflow up` does)."
         )
     return Path(home).resolve(), entry_point(tracking_uri, setting)
+
+
+def flow_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """Flow-run or deployment parameters as Prefect stores them: JSON, redacted (every Prefect UI user reads them)."""
+    return redact({k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in params.items()})
 
 
 def markdown_artifact(markdown: str, key: str, description: str | None = None) -> None:

@@ -12,7 +12,8 @@
     loraflow gc [--dry-run]                 remove what retention allows; never what an alias needs
 
 Environment variables are read here and nowhere deeper: LORAFLOW_HOME (default ./.loraflow),
-LORAFLOW_PREFECT_PORT, LORAFLOW_MLFLOW_PORT, LORAFLOW_IDENTITY (who moves aliases, for the audit trail).
+LORAFLOW_PREFECT_PORT, LORAFLOW_MLFLOW_PORT, LORAFLOW_HOST + LORAFLOW_ALLOW_REMOTE (where the servers listen:
+127.0.0.1 unless both say otherwise), LORAFLOW_IDENTITY (who moves aliases, for the audit trail).
 MLflow's own MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD hold its credentials: a tracking URI
 that carries one hands it over to them here, and everything the CLI prints or logs is redacted.
 """

@@ -26,10 +26,10 @@ def submit_and_follow(params: dict[str, Any], settings) -> RunSummary | None:
     """Submit the finetune deployment and follow it to its end; None when the user detached or cancelled."""
     from prefect.deployments import run_deployment
 
+    from flows.bookkeeping import flow_parameters
     from flows.follow import follow
 
-    jsonable = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in params.items()}
-    run = run_deployment(FINETUNE_DEPLOYMENT, parameters=jsonable, timeout=0)
+    run = run_deployment(FINETUNE_DEPLOYMENT, parameters=flow_parameters(params), timeout=0)
     print(
         f"finetune flow run '{run.name}' submitted to the cpu pool; following it (Ctrl-C to detach or cancel)\n"
         f"  Prefect UI: {settings.prefect_ui_url}/runs/flow-run/{run.id}",

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.bookkeeping import flow_parameters
 from loraflow.config import PipelineConfig, load_config
 from loraflow.credentials import PASSWORD_VAR, USERNAME_VAR, redact
 from loraflow.errors import UsageError
@@ -101,26 +102,32 @@ ALERT_AUTOMATION = "loraflow-run-failed"
 ALERT_BLOCK = "loraflow-alerts"
 
 
-def ensure_failure_alert(webhook_url: str) -> str:
-    """An automation that POSTs to ``webhook_url`` when a finetune or train flow run fails or crashes.
+def alert_block(webhook_url: str):
+    """The Prefect notification block that POSTs to ``webhook_url`` (Slack, Teams and friends accept its JSON).
 
-    The webhook is a Prefect notification block (Slack, Teams and friends accept the same JSON
-    POST); re-applying replaces the automation, so it is idempotent. Returns the automation id.
+    The URL itself goes into the block's secret values: a webhook URL is often the credential (Slack's path,
+    a ``?token=``), and the block's plain fields are shown in the Prefect UI.
     """
-    from prefect.automations import Automation, EventTrigger, SendNotification
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
-    from prefect.client.orchestration import get_client
 
-    # The URL itself goes into the block's secret values: a webhook URL is often the credential
-    # (Slack's, Teams'), and the block's plain fields are shown in the Prefect UI.
-    block = CustomWebhookNotificationBlock(
+    return CustomWebhookNotificationBlock(
         name=ALERT_BLOCK,
         url="{{webhook_url}}",
         secrets={"webhook_url": webhook_url},
         json_data={"text": "{{body}}", "subject": "{{subject}}"},
         allow_private_urls=True,
     )
-    block_id = block.save(ALERT_BLOCK, overwrite=True)
+
+
+def ensure_failure_alert(webhook_url: str) -> str:
+    """An automation that POSTs to ``webhook_url`` when a finetune or train flow run fails or crashes.
+
+    Re-applying replaces the automation, so it is idempotent. Returns the automation id.
+    """
+    from prefect.automations import Automation, EventTrigger, SendNotification
+    from prefect.client.orchestration import get_client
+
+    block_id = alert_block(webhook_url).save(ALERT_BLOCK, overwrite=True)
     with get_client(sync_client=True) as client:
         for old in client.read_automations_by_name(name=ALERT_AUTOMATION):
             client.delete_automation(old.id)
@@ -189,7 +196,7 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
     with get_client(sync_client=True) as client:
         ensure_process_pools(client, {cpu_pool: None, gpu_pool: 1})
         env = credential_env(client)
-    defaults = {"config": config.model_dump(mode="json")}
+    defaults = flow_parameters({"config": config})
     out = [deploy_train(gpu_pool, env)]
     out.append(
         Deployed(
@@ -218,7 +225,7 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
                 "retrain-nightly",
                 cpu_pool,
                 env,
-                parameters={"config": nightly.model_dump(mode="json")},
+                parameters=flow_parameters({"config": nightly}),
                 schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
                 description=f"Retrain on the latest data every night ({NIGHTLY_CRON} {NIGHTLY_TIMEZONE}).",
             ),
@@ -234,11 +241,9 @@ def deploy_all(default_config: Path, cpu_pool: str = CPU_POOL, gpu_pool: str = G
                 "cpu",
                 cpu_pool,
                 env,
-                parameters={
-                    "name": config.registry.model_name,
-                    "rules": config.promotion.model_dump(mode="json"),
-                    "tracking_uri": tracking_uri,
-                },
+                parameters=flow_parameters(
+                    {"name": config.registry.model_name, "rules": config.promotion, "tracking_uri": tracking_uri}
+                ),
                 description="Run the promotion gate on a registered version (fill in its number) and move aliases.",
             ),
             tuple(env),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from flows.bookkeeping import flow_parameters
 from flows.caching import cache_dir_of, cache_key, reuse_or_run
 from flows.follow import follow
 from flows.train import FINISHED_RECORD
 from loraflow import tags as T
 from loraflow.config import PipelineConfig
-from loraflow.credentials import redact
 from loraflow.errors import StageError
 from loraflow.records import Adapter, QuantizedBase, ValidatedData, load_record
 from loraflow.tracking import MlflowTracker
@@ -75,9 +75,7 @@ def _dispatch(
 
     from prefect.deployments import run_deployment
 
-    # Flow-run parameters are readable by every Prefect UI user: redacted like every other writer.
-    jsonable = redact({k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in params.items()})
-    submitted = run_deployment(orchestration.train_deployment, parameters=jsonable, timeout=0)
+    submitted = run_deployment(orchestration.train_deployment, parameters=flow_parameters(params), timeout=0)
     print(f"train flow run '{submitted.name}' submitted to deployment {orchestration.train_deployment}; following it")
     run = follow(submitted.id, orchestration.train_timeout_s, prefix="train | ")
     state = run.state

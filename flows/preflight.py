@@ -21,7 +21,7 @@ from loraflow.config import PipelineConfig
 from loraflow.data.contracts import read_meta
 from loraflow.data.files import check_source
 from loraflow.errors import LoraflowError, StackError, UsageError
-from loraflow.ml.paths import resolve_model_path
+from loraflow.ml.paths import check_remote_code, resolve_model_path
 
 # A GGUF file is a 4- to 8-bit checkpoint; the converted base is fp32: about this many times larger.
 GGUF_TO_FP32 = 8
@@ -84,7 +84,7 @@ def _data(config: PipelineConfig) -> list[Problem]:
 def _base_model(config: PipelineConfig) -> list[Problem]:
     b = config.base_model
     try:
-        folder = resolve_model_path(b.path)
+        folder = resolve_model_path(b.path, b.allowed_roots)
     except UsageError as e:
         return [Problem(f"base model: {e}", True)]
     if b.source == "gguf":
@@ -95,13 +95,18 @@ def _base_model(config: PipelineConfig) -> list[Problem]:
             ]
     elif not (folder / "config.json").is_file():
         return [Problem(f"base model: {folder} has no config.json: it is not a Hugging Face model folder", True)]
+    else:
+        try:
+            check_remote_code(folder, b)
+        except UsageError as e:
+            return [Problem(str(e), True)]
     return []
 
 
 def base_model_bytes(config: PipelineConfig) -> int:
     """The base model's size in fp32 (estimated from its files)."""
     b = config.base_model
-    folder = resolve_model_path(b.path)
+    folder = resolve_model_path(b.path, b.allowed_roots)
     if b.source == "gguf":
         return (folder / str(b.gguf_file)).stat().st_size * GGUF_TO_FP32
     weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin")]

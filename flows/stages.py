@@ -58,7 +58,13 @@ def validate_stage(config: PipelineConfig, base: BaseModelRef, run_dir: Path, pa
     with stage_run(parent, "validate") as tracker:
         # Example lengths are counted with the run's own tokenizer.
         try:
-            data = validate(config.data, run_dir, base.path, config.train.max_seq_length)
+            data = validate(
+                config.data,
+                run_dir,
+                base.path,
+                config.train.max_seq_length,
+                trust_remote_code=base.trust_remote_code,
+            )
         finally:  # the reports explain a violation: keep them with the run either way
             _publish_validation(run_dir / "data", parent, tracker)
         tracker.log_params({"contract": data.contract, "data_digest": data.digest, "rows": data.rows})

@@ -63,6 +63,12 @@ class BaseModelConfig(_Section):
     gguf_file: str | None = Field(
         None, description="File name of the GGUF checkpoint inside `path` (required when source is 'gguf')."
     )
+    trust_remote_code: bool = Field(
+        False, description="Let this model run Python code shipped in its folder (auto_map); only for code you trust."
+    )
+    allowed_roots: list[str] | None = Field(
+        None, description="Folders the model folder must lie in (a config file's default: its project; None: anywhere)."
+    )
 
     @model_validator(mode="after")
     def _gguf_needs_file(self) -> BaseModelConfig:
@@ -453,11 +459,13 @@ def _resolve_relative_paths(data: dict[str, Any], root: Path) -> None:
             p = node[key]
             if not p.startswith("pkg:") and not Path(p).is_absolute():
                 node[key] = str((root / p).resolve())
-    node = data.get("data")
-    if isinstance(node, dict):
-        roots = node.get("allowed_roots", [str(_project_root(root))])
-        if isinstance(roots, list):
-            node["allowed_roots"] = [str((root / r).resolve()) if isinstance(r, str) else r for r in roots]
+    # Where the data and the model may come from: by default the config file's project.
+    for section in ("data", "base_model"):
+        node = data.get(section)
+        if isinstance(node, dict):
+            roots = node.get("allowed_roots", [str(_project_root(root))])
+            if isinstance(roots, list):
+                node["allowed_roots"] = [str((root / r).resolve()) if isinstance(r, str) else r for r in roots]
 
 
 def _project_root(folder: Path) -> Path:
@@ -466,3 +474,24 @@ def _project_root(folder: Path) -> Path:
         if (candidate / "pyproject.toml").exists() or (candidate / ".git").exists():
             return candidate
     return folder
+
+
+def check_inside_roots(path: Path, roots: list[str] | None, *, what: str, kind: str, setting: str) -> Path:
+    """``path`` with every symlink resolved, so that a link cannot lead out of a root; UsageError when it lies in
+    none of ``roots`` (an ``allowed_roots`` setting; None: anywhere).
+
+    Args:
+        what: the path's name in the message ("dataset file").
+        kind: the roots' name in the message ("data").
+        setting: the setting that lists the roots ("data.allowed_roots").
+    """
+    resolved = Path(path).expanduser().resolve()
+    if roots is None:
+        return resolved
+    allowed = [Path(r).expanduser().resolve() for r in roots]
+    if not any(resolved.is_relative_to(r) for r in allowed):
+        raise UsageError(
+            f"{what} {resolved} is outside the allowed {kind} roots ({', '.join(map(str, allowed)) or 'none'}); "
+            f"move it under one of them or add its folder to {setting}"
+        )
+    return resolved

@@ -67,6 +67,9 @@ class BaseModelRef(Record):
     name: str
     path: str
     digest: str = Field(description="sha256 over the source files (GGUF file, or the model directory's files).")
+    trust_remote_code: bool = Field(
+        False, description="base_model.trust_remote_code: loads of it and of what derives from it may run its code."
+    )
 
 
 class QuantizedBase(Record):

@@ -55,9 +55,10 @@ def evaluate(
     records = read_jsonl(data.eval_path)
     gen_records = records[: cfg.generation_rows] if cfg.generation_rows else records
     passages = general_passages(cfg.general_text) if cfg.general_text else None
-    tok = load_tokenizer(adapter.path)
+    trust = base.base.trust_remote_code
+    tok = load_tokenizer(adapter.path, trust_remote_code=trust)
     # Inference only, never trained: bitsandbytes' faster CPU layout is safe here.
-    model = PeftModel.from_pretrained(load_quantized(base.path, cpu_repack=True), adapter.path)
+    model = PeftModel.from_pretrained(load_quantized(base.path, trust_remote_code=trust, cpu_repack=True), adapter.path)
     model.eval()
     results, general = {}, {}
     for name, adapter_state in (("base", model.disable_adapter), ("finetuned", nullcontext)):

@@ -39,7 +39,8 @@ def merge(
 ) -> MergedModel:
     """Stream-merge into a temporary folder, verify the saved model against 4-bit base + adapter, then publish it."""
     start = time.perf_counter()
-    tok = load_tokenizer(adapter.path)
+    trust = base.base.trust_remote_code
+    tok = load_tokenizer(adapter.path, trust_remote_code=trust)
     records = read_jsonl(data.eval_path)[: cfg.verify_rows]
     texts = [prompt_text(tok, r) + reference(r) for r in records]
     batch = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
@@ -49,11 +50,16 @@ def merge(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         written = stream_merge(
-            base.path, adapter.path, tmp, dtype=DTYPES[cfg.dtype], max_shard_bytes=int(cfg.max_shard_gb * 1e9)
+            base.path,
+            adapter.path,
+            tmp,
+            dtype=DTYPES[cfg.dtype],
+            max_shard_bytes=int(cfg.max_shard_gb * 1e9),
+            trust_remote_code=trust,
         )
         tok.save_pretrained(tmp)
         write_seconds = time.perf_counter() - start
-        diff = verify(tmp, base.path, adapter.path, batch, default_device())
+        diff = verify(tmp, base.path, adapter.path, batch, default_device(), trust_remote_code=trust)
         tracker.log_metrics(
             {
                 "merge/max_abs_logit_diff": diff,

@@ -51,8 +51,9 @@ def quantize(base: BaseModelRef, q: QuantConfig, cache_dir: Path, tracker: Track
             quantization_config=bnb_config(q),
             dtype=DTYPES[q.compute_dtype],
             device_map={"": default_device()},
+            trust_remote_code=base.trust_remote_code,
         )
-        tok = load_tokenizer(base.path)
+        tok = load_tokenizer(base.path, trust_remote_code=base.trust_remote_code)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".quantize-"))
         try:

@@ -42,6 +42,10 @@ def score_version(tracking_uri: str, model_uri: str, split_uri: str, cfg: EvalCo
         records = read_jsonl(split)
         gen_records = records[: cfg.generation_rows] if cfg.generation_rows else records
         # Inference only, never trained: bitsandbytes' faster CPU layout is safe here.
-        model = PeftModel.from_pretrained(load_quantized(base_path, cpu_repack=True), str(adapter)).eval()
-        _, _, examples = score(model, load_tokenizer(adapter), records, gen_records, cfg, max_length)
+        # The base's code runs only if the version recorded that its config allowed it (older ones: never).
+        trust = bool(model_config.get("trust_remote_code", False))
+        quantized = load_quantized(base_path, trust_remote_code=trust, cpu_repack=True)
+        model = PeftModel.from_pretrained(quantized, str(adapter)).eval()
+        tok = load_tokenizer(adapter, trust_remote_code=trust)
+        _, _, examples = score(model, tok, records, gen_records, cfg, max_length)
     return examples

@@ -69,6 +69,7 @@ def register(
                 "base_digest": base.base.digest,
                 "base_path": base.base.path,
                 "quantized_base_path": base.path,
+                "trust_remote_code": base.base.trust_remote_code,
                 "max_new_tokens": max_new_tokens,
             },
             signature=ModelSignature(

@@ -73,7 +73,8 @@ def train(
     start = time.perf_counter()
     if world is not None and not world.main:
         tracker, on_step = NULL_TRACKER, None
-    tok = load_tokenizer(base.path)
+    trust = base.base.trust_remote_code
+    tok = load_tokenizer(base.path, trust_remote_code=trust)
     examples = encode_all(tok, read_jsonl(data.train_path), cfg.max_seq_length)
     if len(examples) < cfg.batch_size:
         raise DataError(
@@ -98,7 +99,8 @@ def train(
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank
         device = world.device if world is not None else None
-        model = prepare_for_training(load_quantized(base.path, device=device), lora, cfg.memory_profile, cfg.compile)
+        quantized = load_quantized(base.path, trust_remote_code=trust, device=device)
+        model = prepare_for_training(quantized, lora, cfg.memory_profile, cfg.compile)
         init_adapter(model, lora, base.base.path)  # lora.init; LoftQ reads the full-precision weights
         if world is not None and world.size > 1:  # each rank draws its own dropout masks for its own rows
             torch.manual_seed(cfg.seed + 1 + world.rank)

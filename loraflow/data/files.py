@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow.config import check_inside_roots
 from loraflow.errors import DataError, UsageError
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -75,14 +76,7 @@ def check_source(
     path: Path, fmt: str, allowed_roots: list[str] | None, max_bytes: int, accepted: list[str] | None = None
 ) -> tuple[Path, str]:
     """Refuse a path before reading it; return the resolved path and its format."""
-    source = Path(path).expanduser().resolve()  # symlinks resolved: a link cannot escape the roots
-    if allowed_roots is not None:
-        roots = [Path(r).expanduser().resolve() for r in allowed_roots]
-        if not any(source.is_relative_to(r) for r in roots):
-            raise UsageError(
-                f"dataset file {source} is outside the allowed data roots ({', '.join(map(str, roots)) or 'none'}); "
-                f"move the file under one of them or add its folder to data.allowed_roots"
-            )
+    source = check_inside_roots(path, allowed_roots, what="dataset file", kind="data", setting="data.allowed_roots")
     try:
         st = source.stat()
     except FileNotFoundError:

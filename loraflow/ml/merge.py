@@ -290,7 +290,9 @@ def _make(e: _Entry, base: _Tensors, adapter: _Tensors | None, dtype: torch.dtyp
         return w.to(dtype, copy=not fresh) if w.is_floating_point() else w.clone()
 
 
-def merge_in_memory(base_dir: str | Path, adapter_dir: str | Path | None) -> torch.nn.Module:
+def merge_in_memory(
+    base_dir: str | Path, adapter_dir: str | Path | None, *, trust_remote_code: bool = False
+) -> torch.nn.Module:
     """The in-memory merge that :func:`stream_merge` replaced: the whole 4-bit model dequantized to
     fp32 and peft's ``merge_and_unload``. It holds the whole model in fp32 twice over (small models
     only); kept as the reference the streaming merge is tested and benchmarked against."""
@@ -298,7 +300,8 @@ def merge_in_memory(base_dir: str | Path, adapter_dir: str | Path | None) -> tor
 
     from loraflow.ml.models import dequantize, load_quantized
 
-    plain = dequantize(load_quantized(base_dir, device="cpu"), torch.float32)
+    quantized = load_quantized(base_dir, trust_remote_code=trust_remote_code, device="cpu")
+    plain = dequantize(quantized, torch.float32, trust_remote_code=trust_remote_code)
     return plain if adapter_dir is None else PeftModel.from_pretrained(plain, str(adapter_dir)).merge_and_unload()
 
 
@@ -309,6 +312,7 @@ def stream_merge(
     *,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    trust_remote_code: bool = False,
 ) -> StreamMergeResult:
     """Write the 4-bit checkpoint in ``base_dir``, dequantized and with the adapter folded in, to ``out_dir``.
 
@@ -320,17 +324,18 @@ def stream_merge(
         out_dir: created; must not exist or be empty. Removed again if the merge fails.
         dtype: dtype of every floating-point tensor written (the merge itself is computed in fp32).
         max_shard_bytes: largest weight file; a single tensor larger than this gets a file of its own.
+        trust_remote_code: the base model's ``base_model.trust_remote_code`` (its config may name its own code).
 
     Raises:
         StageError: the checkpoint does not fit its config, or the adapter does not fit the
             checkpoint or uses features this merge does not implement (every problem listed).
     """
     base_dir, out = Path(base_dir), Path(out_dir)
-    config = AutoConfig.from_pretrained(base_dir)
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     del model
@@ -374,6 +379,9 @@ def stream_merge(
             (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         config.dtype = dtype
         config.save_pretrained(out)
+        if trust_remote_code:  # a model with code of its own (auto_map) loads only with that code beside it
+            for code in base_dir.glob("*.py"):
+                shutil.copyfile(code, out / code.name)
         if (base_dir / "generation_config.json").is_file():
             shutil.copyfile(base_dir / "generation_config.json", out / "generation_config.json")
     except BaseException:
@@ -406,13 +414,21 @@ def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, batch: dict[str, torc
 
 
 def verify(
-    merged_dir: Path, quantized_path: str | Path, adapter_path: str | Path, batch: dict[str, torch.Tensor], device: str
+    merged_dir: Path,
+    quantized_path: str | Path,
+    adapter_path: str | Path,
+    batch: dict[str, torch.Tensor],
+    device: str,
+    *,
+    trust_remote_code: bool = False,
 ) -> float:
     """Max abs logit diff between the saved merged model and 4-bit base + adapter, both in fp32.
 
     The two models are loaded one after the other, so the check holds one of them at a time.
     """
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": device}).eval()
+    merged = AutoModelForCausalLM.from_pretrained(
+        merged_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code
+    ).eval()
     got = masked_logits(merged, batch)
     del merged
     from peft import PeftModel
@@ -420,7 +436,8 @@ def verify(
     from loraflow.ml.models import load_quantized
 
     reference_model = PeftModel.from_pretrained(
-        load_quantized(quantized_path, device=device, compute_dtype="float32"), adapter_path
+        load_quantized(quantized_path, trust_remote_code=trust_remote_code, device=device, compute_dtype="float32"),
+        adapter_path,
     ).eval()
     want = masked_logits(reference_model, batch)
     del reference_model

@@ -1,5 +1,9 @@
 """Model and tokenizer loading: local directories and GGUF files only, never the Hub.
 
+Every load of the base model and of what derives from it (the 4-bit checkpoint, the merged model, their
+tokenizers) says ``trust_remote_code`` explicitly: the value of ``base_model.trust_remote_code``, carried by
+:class:`~loraflow.records.BaseModelRef`, False unless the config turns it on for that model.
+
 Everything here is the ML core: it imports torch, transformers and bitsandbytes, never Prefect,
 MLflow or datasets, so that it runs on the GPU image as it is.
 """
@@ -20,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from loraflow.config import BaseModelConfig, QuantConfig
 from loraflow.errors import UsageError
 from loraflow.hashing import sha256_dir, sha256_file
-from loraflow.ml.paths import resolve_model_path
+from loraflow.ml.paths import check_remote_code, resolve_model_path
 from loraflow.records import BaseModelRef
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,11 +37,13 @@ def prepare_base(cfg: BaseModelConfig, cache_dir: Path) -> BaseModelRef:
     ``save_pretrained`` on a GGUF-loaded model, so a plain model is built from its config and
     given its state dict.
     """
-    src = resolve_model_path(cfg.path)
+    src = resolve_model_path(cfg.path, cfg.allowed_roots)
+    trust = cfg.trust_remote_code
     if cfg.source == "hf":
         if not (src / "config.json").is_file():
             raise UsageError(f"{src} has no config.json: it is not a Hugging Face model directory.")
-        return BaseModelRef(name=cfg.name, path=str(src), digest=sha256_dir(src))
+        check_remote_code(src, cfg)
+        return BaseModelRef(name=cfg.name, path=str(src), digest=sha256_dir(src), trust_remote_code=trust)
 
     assert cfg.gguf_file is not None  # enforced by BaseModelConfig
     gguf = src / cfg.gguf_file
@@ -47,18 +53,20 @@ def prepare_base(cfg: BaseModelConfig, cache_dir: Path) -> BaseModelRef:
     digest = sha256_file(gguf)
     out = cache_dir / "models" / digest[:16]
     if not (out / "config.json").is_file():
-        _convert_gguf(src, cfg.gguf_file, out)
-    return BaseModelRef(name=cfg.name, path=str(out), digest=digest)
+        _convert_gguf(src, cfg.gguf_file, out, trust)
+    return BaseModelRef(name=cfg.name, path=str(out), digest=digest, trust_remote_code=trust)
 
 
-def _convert_gguf(src: Path, gguf_file: str, out: Path) -> None:
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+def _convert_gguf(src: Path, gguf_file: str, out: Path, trust_remote_code: bool) -> None:
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=gguf_file, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
     config = loaded.config
     # The GGUF quantization marker would make from_pretrained expect GGUF tensors in the new folder.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename, so a crash never leaves a half-converted cache entry.
@@ -97,8 +105,9 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
     return n
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(path)
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer in ``path`` (a model, 4-bit checkpoint or adapter folder), with a pad token."""
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -110,12 +119,18 @@ def default_device() -> str:
 
 
 def load_quantized(
-    path: str | Path, *, device: str | None = None, cpu_repack: bool = False, compute_dtype: str | None = None
+    path: str | Path,
+    *,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    cpu_repack: bool = False,
+    compute_dtype: str | None = None,
 ) -> torch.nn.Module:
     """Load a saved 4-bit checkpoint.
 
     Args:
         path: directory written by the quantize stage.
+        trust_remote_code: the base model's ``base_model.trust_remote_code`` (``BaseModelRef.trust_remote_code``).
         device: where to put the model (default: :func:`default_device`).
         cpu_repack: allow bitsandbytes' faster CPU inference layout. Only for models that are
             never trained afterwards (see :func:`disable_cpu_weight_repacking`).
@@ -127,7 +142,7 @@ def load_quantized(
     import bitsandbytes as bnb
 
     device = device or default_device()
-    model = AutoModelForCausalLM.from_pretrained(path, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(path, device_map={"": device}, trust_remote_code=trust_remote_code)
     if compute_dtype is None and torch.device(device).type == "cpu":
         compute_dtype = cpu_compute_dtype(model.get_input_embeddings().weight.dtype)
     if compute_dtype is not None:
@@ -167,7 +182,9 @@ def _warn_cpu_fp32(saved: torch.dtype) -> None:
     )
 
 
-def dequantize(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def dequantize(
+    model: torch.nn.Module, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False
+) -> torch.nn.Module:
     """A plain (non-quantized) copy of a 4-bit model: every 4-bit weight dequantized to ``dtype``.
 
     Built from the config and a state dict, so the result carries no quantization state and
@@ -192,7 +209,7 @@ def dequantize(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> to
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:

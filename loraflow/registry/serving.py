@@ -32,8 +32,11 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
                 f"digest {cfg['base_digest']}). Run the quantize stage for that base on this machine, "
                 "or download the adapter and load it on your own copy of the base."
             )
-        self.tokenizer = load_tokenizer(context.artifacts["adapter"])
-        base = load_quantized(base_path, cpu_repack=True)  # inference only
+        # The base's code runs only if its config allowed it when this version was registered (older versions
+        # did not record it: never).
+        trust = bool(cfg.get("trust_remote_code", False))
+        self.tokenizer = load_tokenizer(context.artifacts["adapter"], trust_remote_code=trust)
+        base = load_quantized(base_path, trust_remote_code=trust, cpu_repack=True)  # inference only
         self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
         self.max_new_tokens = int(cfg["max_new_tokens"])  # EvalConfig.max_new_tokens of the run that registered it
         self.batch_size = int(cfg.get("batch_size", 8))

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from loraflow.errors import StackError
-from loraflow.stack.settings import DATABASES, StackSettings
+from loraflow.stack.settings import DATABASES, LOOPBACK, StackSettings
 
 _PG_ROLE = "loraflow"
 # PostgreSQL refuses to run as root; run as root, loraflow runs initdb and the server as this OS user
@@ -46,11 +46,11 @@ def pg_password(s: StackSettings) -> str:
 
 def database_url(s: StackSettings, database: str, driver: str = "psycopg") -> str:
     """SQLAlchemy URL of one of the stack's PostgreSQL databases, e.g. driver "asyncpg" for Prefect."""
-    return f"postgresql+{driver}://{_PG_ROLE}:{pg_password(s)}@{s.host}:{s.postgres_port}/{database}"
+    return f"postgresql+{driver}://{_PG_ROLE}:{pg_password(s)}@{LOOPBACK}:{s.postgres_port}/{database}"
 
 
 def conninfo(s: StackSettings, database: str) -> str:
-    return f"host={s.host} port={s.postgres_port} dbname={database} user={_PG_ROLE} password={pg_password(s)}"
+    return f"host={LOOPBACK} port={s.postgres_port} dbname={database} user={_PG_ROLE} password={pg_password(s)}"
 
 
 def pg_os_user() -> pwd.struct_passwd | None:
@@ -166,5 +166,5 @@ def ensure_databases(s: StackSettings) -> None:
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
     except psycopg.Error as e:
         raise StackError(
-            f"Cannot create the databases {DATABASES} on PostgreSQL at {s.host}:{s.postgres_port}: {e}"
+            f"Cannot create the databases {DATABASES} on PostgreSQL at {LOOPBACK}:{s.postgres_port}: {e}"
         ) from e

@@ -36,6 +36,7 @@ from loraflow.stack.postgres import (
 )
 from loraflow.stack.settings import (
     CPU_WORKER,
+    LOOPBACK,
     MLFLOW,
     POSTGRES,
     PREFECT,
@@ -46,8 +47,10 @@ from loraflow.stack.settings import (
     StackStatus,
     check_backend,
     client_env,
+    is_loopback,
     record_path,
     recorded_backend,
+    url_host,
 )
 
 # The worker polls for scheduled runs every QUERY seconds (Prefect's default 10 s makes every
@@ -68,6 +71,7 @@ class _Service:
     argv: list[str]
     env: dict[str, str]
     port: int | None  # the port it listens on, checked before start; None for the worker
+    host: str  # the address it listens on (the workers: none, they only connect)
     port_var: str
     url: str
     healthy: Callable[[], bool]
@@ -95,8 +99,8 @@ def _services(s: StackSettings) -> dict[str, _Service]:
         **prefect_client,
         "PREFECT_SERVER_UI_ENABLED": "true",
         # The UI is served by the server but calls the API from the browser: on a port other than
-        # 4200 it must be told where the API is.
-        "PREFECT_SERVER_UI_API_URL": s.prefect_api_url,
+        # 4200, or behind a reverse proxy, it must be told where the API is.
+        "PREFECT_SERVER_UI_API_URL": s.ui_api_url or s.prefect_api_url,
     }
     # The backend store goes in the environment, not argv: its URL may carry a password, and argv is
     # visible to every user on the machine.
@@ -121,6 +125,7 @@ def _services(s: StackSettings) -> dict[str, _Service]:
             [*py, "prefect", "server", "start", "--host", s.host, "--port", str(s.prefect_port)],
             prefect_env,
             s.prefect_port,
+            s.host,
             "LORAFLOW_PREFECT_PORT",
             s.prefect_ui_url,
             lambda: _http_ok(f"{s.prefect_api_url}/health", expect_json=True),
@@ -140,9 +145,11 @@ def _services(s: StackSettings) -> dict[str, _Service]:
                 # Default is 4 workers plus job runners: ~15 processes and ~3 GB; one is plenty locally.
                 "--workers",
                 "1",
+                *mlflow_security_args(s),
             ],
             mlflow_env,
             s.mlflow_port,
+            s.host,
             "LORAFLOW_MLFLOW_PORT",
             s.mlflow_url,
             lambda: _http_ok(f"{s.mlflow_url}/health"),
@@ -155,6 +162,7 @@ def _services(s: StackSettings) -> dict[str, _Service]:
             worker_env,
             None,
             "",
+            "",
             f"{s.prefect_ui_url}/work-pools/work-pool/{pool}",
             lambda pool=pool: _worker_registered(s, pool),
         )
@@ -162,16 +170,36 @@ def _services(s: StackSettings) -> dict[str, _Service]:
         bindir = postgres_bindir() or Path("/usr/lib/postgresql/bin")  # up() has checked it exists
         svcs[POSTGRES] = _Service(
             POSTGRES,
-            # -k "": no Unix socket (TCP on 127.0.0.1 only); logs go to stderr, i.e. our log file.
-            [str(bindir / "postgres"), "-D", str(s.pgdata), "-k", "", "-h", s.host, "-p", str(s.postgres_port)],
+            # -k "": no Unix socket; TCP on 127.0.0.1 only, whatever LORAFLOW_HOST says: only our two servers
+            # connect. Logs go to stderr, i.e. our log file.
+            [str(bindir / "postgres"), "-D", str(s.pgdata), "-k", "", "-h", LOOPBACK, "-p", str(s.postgres_port)],
             {**base, "LC_ALL": "C"},
             s.postgres_port,
+            LOOPBACK,
             "LORAFLOW_POSTGRES_PORT",
-            f"postgresql://{s.host}:{s.postgres_port}",
+            f"postgresql://{LOOPBACK}:{s.postgres_port}",
             lambda: pg_ready(s),
             pg_os_user(),
         )
     return svcs
+
+
+def mlflow_security_args(s: StackSettings) -> list[str]:
+    """`mlflow server` options of an exposed stack: which Host headers and browser origins it accepts.
+
+    On loopback MLflow's defaults stay (localhost and private addresses, localhost origins; it reads
+    MLFLOW_SERVER_ALLOWED_HOSTS itself). Exposed, the lists are explicit: the names those variables give (the
+    options would otherwise replace them) plus this machine's addresses that loraflow's own clients use.
+    """
+    if is_loopback(s.host):
+        return []
+    own = dict.fromkeys([LOOPBACK, "localhost", "::1", s.client_host])
+    hosts = [*s.allowed_hosts, *(f"{url_host(h)}:{s.mlflow_port}" for h in own)]
+    args = ["--allowed-hosts", ",".join(dict.fromkeys(hosts))]
+    origins = list(s.cors_origins)
+    if not is_loopback(s.client_host):  # the UI opened at the bind address posts from there
+        origins.append(f"http://{url_host(s.client_host)}:{s.mlflow_port}")
+    return args + (["--cors-allowed-origins", ",".join(dict.fromkeys(origins))] if origins else [])
 
 
 def _http_ok(url: str, expect_json: bool = False) -> bool:
@@ -325,7 +353,7 @@ def _clear_dead(s: StackSettings, name: str) -> list[int]:
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As the servers do: a port held only by TIME_WAIT connections is free.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -344,9 +372,9 @@ def _log_tail(path: Path, n: int = _LOG_TAIL_LINES) -> str:
 
 
 def _start(s: StackSettings, svc: _Service) -> psutil.Process:
-    if svc.port is not None and not _port_free(s.host, svc.port):
+    if svc.port is not None and not _port_free(svc.host, svc.port):
         raise StackError(
-            f"Port {svc.port} on {s.host} (for the {svc.name} server) is taken by a process that this stack "
+            f"Port {svc.port} on {svc.host} (for the {svc.name} server) is taken by a process that this stack "
             f"(home {s.home}) did not start. Stop it, run `loraflow down` if it is another loraflow stack, or "
             f"choose another port with {svc.port_var}=<port>."
         )

@@ -3,6 +3,10 @@ a Prefect worker on the GPU work pool, all on 127.0.0.1 with their state under o
 With the `postgres` backend a fourth service, a private PostgreSQL server, holds both servers'
 databases instead of SQLite files.
 
+The Prefect and MLflow servers have no authentication of their own, so they listen on loopback unless
+LORAFLOW_HOST names another address *and* LORAFLOW_ALLOW_REMOTE=1 says that is meant (README "Exposing
+the stack"); PostgreSQL listens on 127.0.0.1 always: only those two servers talk to it.
+
     home/stack.json         the backend this home was created with ("sqlite" or "postgres"); fixed
     home/prefect/           PREFECT_HOME of the server and the worker (SQLite prefect.db)
     home/mlflow/            mlflow.db and artifacts/ (artifacts stay files with either backend)
@@ -18,6 +22,7 @@ and clients get theirs from `client_env`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +42,8 @@ Backend = Literal["sqlite", "postgres"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 # One database per server, both owned by one role.
 DATABASES = (PREFECT, MLFLOW)
+LOOPBACK = "127.0.0.1"
+_YES, _NO = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,15 @@ class StackSettings:
     """Where the local stack keeps its state and which ports it listens on."""
 
     home: Path  # all state: databases, artifacts, logs, pidfiles
-    host: str = "127.0.0.1"  # the servers listen here only
+    host: str = LOOPBACK  # the Prefect and MLflow servers listen here (LORAFLOW_HOST)
+    allow_remote: bool = False  # a host other than loopback is meant (LORAFLOW_ALLOW_REMOTE=1)
+    # Exposed (allow_remote), the MLflow server accepts these Host headers and browser origins besides its own
+    # addresses (MLflow's MLFLOW_SERVER_ALLOWED_HOSTS / MLFLOW_SERVER_CORS_ALLOWED_ORIGINS, comma-separated).
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    # Where browsers reach the Prefect API when that is not where loraflow's clients do (a reverse proxy; Prefect's
+    # PREFECT_SERVER_UI_API_URL); None: prefect_api_url.
+    ui_api_url: str | None = None
     prefect_port: int = 4200  # Prefect API + UI
     mlflow_port: int = 5000  # MLflow tracking + registry + artifact proxy
     pool: str = "gpu"  # the process work pool (concurrency 1) that the training worker serves
@@ -52,9 +67,15 @@ class StackSettings:
     backend: Backend = "sqlite"  # where Prefect and MLflow keep their databases; fixed per home
     postgres_port: int = 5432  # the private PostgreSQL server (postgres backend only)
 
+    def __post_init__(self) -> None:
+        if problem := bind_problem(self.host, self.allow_remote):
+            raise UsageError(problem)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str], backend: Backend | None = None) -> StackSettings:
-        """Read LORAFLOW_HOME (default ./.loraflow) and LORAFLOW_{PREFECT,MLFLOW,POSTGRES}_PORT.
+        """Read LORAFLOW_HOME (default ./.loraflow), LORAFLOW_{PREFECT,MLFLOW,POSTGRES}_PORT, LORAFLOW_HOST
+        (default 127.0.0.1), LORAFLOW_ALLOW_REMOTE, MLflow's MLFLOW_SERVER_{ALLOWED_HOSTS,CORS_ALLOWED_ORIGINS}
+        and Prefect's PREFECT_SERVER_UI_API_URL.
 
         The backend is the one recorded in the home; ``backend`` (from `up --backend`) picks it for
         a new home and must match the recorded one otherwise (UsageError).
@@ -62,6 +83,12 @@ class StackSettings:
         home = Path(environ.get("LORAFLOW_HOME") or ".loraflow").expanduser().resolve()
         ports = {}
         problems = []
+        host = (environ.get("LORAFLOW_HOST") or LOOPBACK).strip().strip("[]")
+        allow = (environ.get("LORAFLOW_ALLOW_REMOTE") or "").strip().lower()
+        if allow not in _YES + _NO:
+            problems.append(f"LORAFLOW_ALLOW_REMOTE={allow!r} is neither 1 nor 0")
+        elif problem := bind_problem(host, allow in _YES):
+            problems.append(problem)
         for var, default in (
             ("LORAFLOW_PREFECT_PORT", cls.prefect_port),
             ("LORAFLOW_MLFLOW_PORT", cls.mlflow_port),
@@ -78,6 +105,11 @@ class StackSettings:
         check_backend(home, recorded, backend)
         return cls(
             home=home,
+            host=host,
+            allow_remote=allow in _YES,
+            allowed_hosts=_listed(environ.get("MLFLOW_SERVER_ALLOWED_HOSTS")),
+            cors_origins=_listed(environ.get("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS")),
+            ui_api_url=environ.get("PREFECT_SERVER_UI_API_URL") or None,
             prefect_port=ports["LORAFLOW_PREFECT_PORT"],
             mlflow_port=ports["LORAFLOW_MLFLOW_PORT"],
             backend=backend or recorded or "sqlite",
@@ -106,16 +138,25 @@ class StackSettings:
         return self.postgres_dir / "data"
 
     @property
+    def client_host(self) -> str:
+        """The address clients connect to: the bind address, or loopback when the servers listen on every
+        interface (0.0.0.0, ::), which is no address to connect to."""
+        ip = _ip(self.host)
+        if ip is not None and ip.is_unspecified:
+            return "::1" if ip.version == 6 else LOOPBACK
+        return self.host
+
+    @property
     def prefect_api_url(self) -> str:
-        return f"http://{self.host}:{self.prefect_port}/api"
+        return f"http://{url_host(self.client_host)}:{self.prefect_port}/api"
 
     @property
     def prefect_ui_url(self) -> str:
-        return f"http://{self.host}:{self.prefect_port}"
+        return f"http://{url_host(self.client_host)}:{self.prefect_port}"
 
     @property
     def mlflow_url(self) -> str:
-        return f"http://{self.host}:{self.mlflow_port}"
+        return f"http://{url_host(self.client_host)}:{self.mlflow_port}"
 
     def log_path(self, service: str) -> Path:
         return self.home / "logs" / f"{service}.log"
@@ -164,6 +205,43 @@ class StackStatus:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = ("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows)
         return "\n".join(lines)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None  # a host name
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes into a URL or a Host header: an IPv6 address in brackets."""
+    return f"[{host.strip('[]')}]" if ":" in host else host
+
+
+def _listed(raw: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (raw or "").split(",") if x.strip())
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or the name localhost: reachable from this machine only."""
+    ip = _ip(host)
+    return host.lower() == "localhost" if ip is None else ip.is_loopback
+
+
+def bind_problem(host: str, allow_remote: bool) -> str | None:
+    """Why the servers may not listen on ``host`` (None: they may): anything but loopback needs allow_remote."""
+    if not host or any(c.isspace() or c in "/@" for c in host):
+        return f"LORAFLOW_HOST={host!r} is not an address or host name to listen on (e.g. 127.0.0.1)"
+    if is_loopback(host) or allow_remote:
+        return None
+    return (
+        f"LORAFLOW_HOST={host} would let other machines reach the Prefect and MLflow servers, which have no "
+        "authentication of their own: whoever reaches them can read every run and register or promote models. "
+        "The stack listens on 127.0.0.1 unless told otherwise. To expose it on purpose, set LORAFLOW_ALLOW_REMOTE=1 "
+        'as well (and keep the servers behind a reverse proxy with authentication: README "Exposing the stack"); '
+        "otherwise unset LORAFLOW_HOST."
+    )
 
 
 def client_env(s: StackSettings) -> dict[str, str]:

@@ -53,7 +53,12 @@ def write_config(path: Path, base: Path, data: Path, model_name: str = MODEL_NAM
     # max_seq_length 96: the fixture's longest example is 91 tokens with the tiny tokenizer, and the
     # contract refuses data whose share over max_seq_length exceeds 1%.
     cfg = {
-        "base_model": {"name": "tiny-llama-test", "source": "hf", "path": str(base)},
+        "base_model": {
+            "name": "tiny-llama-test",
+            "source": "hf",
+            "path": str(base),
+            "allowed_roots": [str(base.parent)],  # built in a tmp folder, not in the config's project
+        },
         "data": {
             "path": str(data),
             "contract": "instruction_v1",

@@ -1,6 +1,12 @@
-"""Model loading: bitsandbytes' CPU repacking workaround (DESIGN.md), fp32 on CPUs without bf16."""
+"""Model loading: bitsandbytes' CPU repacking workaround (DESIGN.md), fp32 on CPUs without bf16, and a model's
+own code, which runs only where its config trusts it."""
 
 from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -8,10 +14,13 @@ import torch
 from bitsandbytes.functional import has_avx512bf16
 from transformers import AutoModelForCausalLM
 
+from loraflow.config import BaseModelConfig, QuantConfig
+from loraflow.errors import UsageError
 from loraflow.ml.loss import token_loss_sum
 from loraflow.ml.models import (
     disable_cpu_weight_repacking,
     load_quantized,
+    prepare_base,
 )
 from loraflow.ml.training import prepare_for_training
 from loraflow.records import QuantizedBase
@@ -21,6 +30,7 @@ from tests.conftest import (
     linear4bit,
     model_inputs,
     records_batch,
+    torch_threads,
 )
 
 # --- the bitsandbytes CPU repacking workaround (DESIGN.md) ---
@@ -106,3 +116,134 @@ def test_a_cpu_without_bf16_instructions_computes_in_fp32(tiny_quantized, monkey
         assert layer.compute_dtype == expected
     explicit = load_quantized(tiny_quantized.path, device="cpu", compute_dtype="bfloat16")
     assert explicit.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+# --- code shipped with a model (trust_remote_code) ---
+
+CONFIG_CODE = (
+    "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'tiny_custom'\n"
+)
+MODEL_CODE = (
+    "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+    "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n"
+)
+
+
+def with_own_code(model_dir: Path, out: Path) -> Path:
+    """A copy of the tiny model whose config names classes in .py files of its own folder (auto_map)."""
+    shutil.copytree(model_dir, out)
+    (out / "configuration_tiny.py").write_text(CONFIG_CODE)
+    (out / "modeling_tiny.py").write_text(MODEL_CODE)
+    config = json.loads((out / "config.json").read_text())
+    config |= {
+        "model_type": "tiny_custom",
+        "architectures": ["TinyForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_tiny.TinyConfig",
+            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_model_with_its_own_code_is_refused_unless_its_config_trusts_it(tiny_model_dir, tmp_path) -> None:
+    folder = with_own_code(tiny_model_dir, tmp_path / "custom")
+    for trust in ({}, {"trust_remote_code": False}):
+        with pytest.raises(UsageError) as e:
+            prepare_base(BaseModelConfig(name="tiny-custom", path=str(folder), **trust), tmp_path / "cache")
+        message = str(e.value)
+        assert message.startswith(f"base model 'tiny-custom' ({folder}) ships its own Python code")
+        assert "configuration_tiny.TinyConfig, modeling_tiny.TinyForCausalLM" in message
+        assert "set base_model.trust_remote_code: true for this model" in message
+    # A tokenizer of its own counts as code too.
+    plain = shutil.copytree(tiny_model_dir, tmp_path / "tok-code")
+    tok_config = json.loads((plain / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_tiny.TinyTokenizer", None]}
+    (plain / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    with pytest.raises(UsageError, match=r"ships its own Python code \(tokenization_tiny.TinyTokenizer,"):
+        prepare_base(BaseModelConfig(name="tiny-custom", path=str(plain)), tmp_path / "cache")
+
+
+def test_a_model_without_code_loads_and_trust_is_off_by_default(tiny_model_dir, tmp_path) -> None:
+    cfg = BaseModelConfig(name="tiny", path=str(tiny_model_dir))
+    assert cfg.trust_remote_code is False
+    ref = prepare_base(cfg, tmp_path / "cache")
+    assert ref.trust_remote_code is False and ref.path == str(tiny_model_dir)
+
+
+def test_a_trusted_model_runs_its_code_in_every_load(tiny_model_dir, tmp_path) -> None:
+    """Trusted, the model's own class is used by quantize, by loads of the 4-bit checkpoint and of the merged model,
+    and the merged folder keeps the code it needs."""
+    from loraflow.ml.merge import stream_merge
+    from tasks.quantize import quantize
+
+    folder = with_own_code(tiny_model_dir, tmp_path / "custom")
+    ref = prepare_base(BaseModelConfig(name="tiny-custom", path=str(folder), trust_remote_code=True), tmp_path / "c")
+    assert ref.trust_remote_code is True
+    with torch_threads(1):
+        quantized = quantize(ref, QuantConfig(), tmp_path / "c")
+        assert type(load_quantized(quantized.path, trust_remote_code=True)).__name__ == "TinyForCausalLM"
+        stream_merge(quantized.path, None, tmp_path / "merged", trust_remote_code=True)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", trust_remote_code=True)
+    assert type(merged).__name__ == "TinyForCausalLM"
+    assert {"configuration_tiny.py", "modeling_tiny.py"} <= {p.name for p in (tmp_path / "merged").iterdir()}
+
+
+def test_every_model_load_says_whether_it_may_run_code() -> None:
+    """Each from_pretrained / from_config of transformers in the pipeline passes trust_remote_code explicitly (the
+    config's value), so none falls back to a library default; PeftModel loads adapters, which carry no code."""
+    root = Path(__file__).resolve().parents[2]
+    missing = []
+    for path in sorted([*root.glob("loraflow/**/*.py"), *root.glob("tasks/*.py"), *root.glob("flows/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            loads_model = node.func.attr in ("from_pretrained", "from_config") and owner != "PeftModel"
+            if loads_model and "trust_remote_code" not in {k.arg for k in node.keywords}:
+                missing.append(f"{path.relative_to(root)}:{node.lineno} {owner}.{node.func.attr}")
+    assert missing == []
+
+
+# --- where a model may come from (base_model.allowed_roots) ---
+
+
+def test_a_model_folder_outside_the_allowed_roots_is_refused(tiny_model_dir, tmp_path) -> None:
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    model = shutil.copytree(tiny_model_dir, outside / "tiny")
+    (inside / "link").symlink_to(model, target_is_directory=True)  # a symlink cannot smuggle a folder in
+    for path in (model, inside / "link"):
+        cfg = BaseModelConfig(name="tiny", path=str(path), allowed_roots=[str(inside)])
+        with pytest.raises(UsageError) as e:
+            prepare_base(cfg, tmp_path / "cache")
+        assert str(e.value) == (
+            f"model folder {model} is outside the allowed model roots ({inside}); "
+            "move it under one of them or add its folder to base_model.allowed_roots"
+        )
+        assert e.value.exit_code == 2
+    # Accepted inside its roots, or anywhere with none configured (a config built in code).
+    assert prepare_base(BaseModelConfig(name="tiny", path=str(model), allowed_roots=[str(outside)]), tmp_path / "c")
+    assert prepare_base(BaseModelConfig(name="tiny", path=str(model)), tmp_path / "c").path == str(model)
+
+
+def test_a_file_linked_out_of_the_roots_is_refused_too(tiny_model_dir, tmp_path) -> None:
+    """The folder lies inside, but its weights are a symlink to a file elsewhere: that file is outside."""
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    model = shutil.copytree(tiny_model_dir, inside / "tiny")
+    outside.mkdir()
+    weights = (model / "model.safetensors").replace(outside / "model.safetensors")
+    (model / "model.safetensors").symlink_to(weights)
+    with pytest.raises(UsageError, match=r"^model file model.safetensors -> .*outside/model.safetensors is outside"):
+        prepare_base(BaseModelConfig(name="tiny", path=str(model), allowed_roots=[str(inside)]), tmp_path / "cache")
+    both = [str(inside), str(outside)]
+    assert prepare_base(BaseModelConfig(name="tiny", path=str(model), allowed_roots=both), tmp_path / "cache")
+
+
+def test_an_installed_package_is_found_where_python_installed_it(tmp_path) -> None:
+    """'pkg:<module>' names an installed package, not a path the config chose: the roots do not apply."""
+    from loraflow.ml.paths import resolve_model_path
+
+    folder = resolve_model_path("pkg:loraflow", allowed_roots=[str(tmp_path)])
+    assert (folder / "config.py").is_file()
