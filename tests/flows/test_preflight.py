@@ -40,7 +40,13 @@ def test_a_missing_gguf_file_names_what_the_folder_holds(tmp_path):
 
 
 def test_a_folder_that_is_not_a_model(tmp_path):
-    problems = P.preflight(demo(**{"base_model.source": "hf", "base_model.path": str(tmp_path)}), tmp_path, None)
+    config = demo(**{"base_model.source": "hf", "base_model.path": str(tmp_path)})
+    problems = P.preflight(config, tmp_path, None)
+    assert "is outside the allowed model roots" in whats(problems)  # the roots first: nothing outside is read
+    config = config.model_copy(
+        update={"base_model": config.base_model.model_copy(update={"allowed_roots": [str(tmp_path)]})}
+    )
+    problems = P.preflight(config, tmp_path, None)
     assert whats(problems) == f"base model: {tmp_path} has no config.json: it is not a Hugging Face model folder"
 
 
