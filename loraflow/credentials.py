@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from typing import Any, TextIO, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from loraflow.errors import UsageError
+
 REDACTED = "***"
 USERNAME_VAR = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_VAR = "MLFLOW_TRACKING_PASSWORD"
@@ -112,6 +114,15 @@ def move_tracking_credentials(url: str, setting: str, environ: MutableMapping[st
     clean, user, password = split_credentials(url)
     if user is None:
         return url, None
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        # MLflow's login variables are HTTP basic auth: a database's password cannot travel in them, and the
+        # flows run in other processes (workers), which would need it in their parameters.
+        raise UsageError(
+            f"{setting} is a {scheme} database URL with a password; loraflow's flows run in other processes and "
+            f"must not carry it. Serve that database with an MLflow tracking server (`mlflow server "
+            f"--backend-store-uri <that URL>`) and set {setting} to the server's http(s) address"
+        )
     environ.setdefault(USERNAME_VAR, user)
     environ.setdefault(PASSWORD_VAR, password or "")
     return clean, credential_warning(setting)

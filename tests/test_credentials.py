@@ -19,6 +19,7 @@ from loraflow.credentials import (
     redacted_output,
     split_credentials,
 )
+from loraflow.errors import UsageError
 
 
 @pytest.mark.parametrize(
@@ -108,6 +109,14 @@ def test_move_tracking_credentials_puts_them_where_mlflow_reads_them() -> None:
     assert move_tracking_credentials("http://bot:x@h", "MLFLOW_TRACKING_URI", environ)[0] == "http://h"
     assert environ == {USERNAME_VAR: "set", PASSWORD_VAR: "before"}
     assert move_tracking_credentials("http://h", "tracking.uri", environ) == ("http://h", None)
+
+
+def test_a_database_url_with_a_password_is_refused_not_moved() -> None:
+    environ: dict[str, str] = {}
+    with pytest.raises(UsageError, match=r"tracking.uri is a postgresql\+psycopg database URL .* `mlflow server") as e:
+        move_tracking_credentials("postgresql+psycopg://u:s3cret@db:5432/mlflow", "tracking.uri", environ)
+    assert "s3cret" not in str(e.value) and environ == {}
+    assert move_tracking_credentials("sqlite:///tmp/m.db", "tracking.uri", environ) == ("sqlite:///tmp/m.db", None)
 
 
 def test_mlflow_sends_the_moved_credential_as_basic_auth(monkeypatch: pytest.MonkeyPatch) -> None:
