@@ -113,7 +113,7 @@ def test_move_tracking_credentials_puts_them_where_mlflow_reads_them() -> None:
 
 def test_a_database_url_with_a_password_is_refused_not_moved() -> None:
     environ: dict[str, str] = {}
-    with pytest.raises(UsageError, match=r"tracking.uri is a postgresql\+psycopg database URL .* `mlflow server") as e:
+    with pytest.raises(UsageError, match=r"tracking.uri is a postgresql\+psycopg database URL .*`mlflow server") as e:
         move_tracking_credentials("postgresql+psycopg://u:s3cret@db:5432/mlflow", "tracking.uri", environ)
     assert "s3cret" not in str(e.value) and environ == {}
     assert move_tracking_credentials("sqlite:///tmp/m.db", "tracking.uri", environ) == ("sqlite:///tmp/m.db", None)
