@@ -101,6 +101,15 @@ def _services(s: StackSettings) -> dict[str, _Service]:
         # The UI is served by the server but calls the API from the browser: on a port other than
         # 4200, or behind a reverse proxy, it must be told where the API is.
         "PREFECT_SERVER_UI_API_URL": s.ui_api_url or s.prefect_api_url,
+        # Bounded history for a stack left running for months: Prefect's own vacuum service deletes old flow
+        # runs with their logs and artifacts, as it does old events (Prefect enables only the latter by default).
+        # A user's own Prefect setting wins.
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": base.get(
+            "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED", '["events", "flow_runs"]'
+        ),
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": base.get(
+            "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD", str(s.prefect_history_days * 86400)
+        ),
     }
     # The backend store goes in the environment, not argv: its URL may carry a password, and argv is
     # visible to every user on the machine.

@@ -66,6 +66,9 @@ class StackSettings:
     cpu_pool: str = "cpu"  # the process work pool of the orchestrating flows (no concurrency limit)
     backend: Backend = "sqlite"  # where Prefect and MLflow keep their databases; fixed per home
     postgres_port: int = 5432  # the private PostgreSQL server (postgres backend only)
+    # Prefect deletes flow runs (with their logs and artifacts) this many days after they end, and its events
+    # after 7 (LORAFLOW_PREFECT_HISTORY_DAYS). The audit trail is MLflow's and is never pruned.
+    prefect_history_days: int = 90
 
     def __post_init__(self) -> None:
         if problem := bind_problem(self.host, self.allow_remote):
@@ -74,7 +77,8 @@ class StackSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str], backend: Backend | None = None) -> StackSettings:
         """Read LORAFLOW_HOME (default ./.loraflow), LORAFLOW_{PREFECT,MLFLOW,POSTGRES}_PORT, LORAFLOW_HOST
-        (default 127.0.0.1), LORAFLOW_ALLOW_REMOTE, MLflow's MLFLOW_SERVER_{ALLOWED_HOSTS,CORS_ALLOWED_ORIGINS}
+        (default 127.0.0.1), LORAFLOW_ALLOW_REMOTE, LORAFLOW_PREFECT_HISTORY_DAYS (default 90), MLflow's
+        MLFLOW_SERVER_{ALLOWED_HOSTS,CORS_ALLOWED_ORIGINS}
         and Prefect's PREFECT_SERVER_UI_API_URL.
 
         The backend is the one recorded in the home; ``backend`` (from `up --backend`) picks it for
@@ -89,6 +93,9 @@ class StackSettings:
             problems.append(f"LORAFLOW_ALLOW_REMOTE={allow!r} is neither 1 nor 0")
         elif problem := bind_problem(host, allow in _YES):
             problems.append(problem)
+        days = (environ.get("LORAFLOW_PREFECT_HISTORY_DAYS") or str(cls.prefect_history_days)).strip()
+        if not days.isdigit() or int(days) < 1:
+            problems.append(f"LORAFLOW_PREFECT_HISTORY_DAYS={days!r} is not a whole number of days (1 or more)")
         for var, default in (
             ("LORAFLOW_PREFECT_PORT", cls.prefect_port),
             ("LORAFLOW_MLFLOW_PORT", cls.mlflow_port),
@@ -114,6 +121,7 @@ class StackSettings:
             mlflow_port=ports["LORAFLOW_MLFLOW_PORT"],
             backend=backend or recorded or "sqlite",
             postgres_port=ports["LORAFLOW_POSTGRES_PORT"],
+            prefect_history_days=int(days),
         )
 
     @property
