@@ -106,8 +106,9 @@ def train(
 
     adapter_dir = run_dir / "adapter"
     curve_path = run_dir / "train" / "loss_curve.json"
+    weights = checkpoints.adapter_tensors(model)  # every rank: gathered to rank 0 when sharded
     if world is None or world.main:
-        model.save_pretrained(adapter_dir)
+        model.save_pretrained(adapter_dir, state_dict=weights)
         tok.save_pretrained(adapter_dir)
         curve_path.parent.mkdir(parents=True, exist_ok=True)
         curve_path.write_text(json.dumps(result.curve))

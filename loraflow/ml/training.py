@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import get_peft_model
 from transformers import get_scheduler
 
 from loraflow.config import CompileMode, LoraConfig, TrainConfig
@@ -27,7 +26,6 @@ from loraflow.ml.distributed import World
 from loraflow.ml.lora4bit import fuse_lora_4bit
 from loraflow.ml.loss import token_loss_sum
 from loraflow.ml.memory import PROFILES, MemoryProfile, apply_profile
-from loraflow.ml.merge import ADAPTER_WEIGHTS
 from loraflow.ml.prompts import IGNORE_INDEX, Encoded
 from loraflow.tracking import NULL_TRACKER, Tracker
 
@@ -149,9 +147,7 @@ def fit(
     if world is not None:
         world.rows(cfg.batch_size)  # refuses a batch too small to split before any work
     if resume is not None:
-        state = resume.state()
-        set_peft_model_state_dict(model, load_file(resume.path / ADAPTER_WEIGHTS))
-        optimizer.load_state_dict(state["optimizer"])
+        state = checkpoints.restore(model, optimizer, resume)
         scheduler.load_state_dict(state["scheduler"])
         loop = state["loop"]
         start = resume.step
@@ -197,8 +193,9 @@ def fit(
             loop["last_window"], window = window, []
             loop["window"] = window
         if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+            adapter = checkpoints.adapter_tensors(model)  # every rank: gathered when sharded
             state = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": checkpoints.optimizer_state(model, optimizer),
                 "scheduler": scheduler.state_dict(),
                 "rng": checkpoints.rng_states(),
                 "loop": loop,
@@ -208,7 +205,7 @@ def fit(
                 state["rng_ranks"] = world.gather(state["rng"])
                 meta["world_size"] = world.size
             if world is None or world.main:
-                checkpoints.save(checkpoint_dir, step, model, state, meta, cfg.keep_checkpoints)
+                checkpoints.save(checkpoint_dir, step, model, adapter, state, meta, cfg.keep_checkpoints)
         if on_step is not None and (world is None or world.main):
             on_step(StepInfo(step, steps, step_loss, time.perf_counter() - began, step_tokens))
     if world is not None:
