@@ -301,12 +301,13 @@ def test_rank_rng_on_resume() -> None:
     assert derived == checkpoints.rng_of_rank(one, 1) and derived != checkpoints.rng_of_rank(one, 2)
 
 
-def test_trainer_command_uses_torchrun_for_ddp() -> None:
+@pytest.mark.parametrize("placement", ["ddp", "fsdp"])
+def test_trainer_command_uses_torchrun_for_ranks(placement) -> None:
     base = {"base_model": {"name": "t", "path": "m"}, "data": {"path": "d"}, "registry": {"model_name": "x"}}
     plain = PipelineConfig.model_validate({**base, "train": {"max_steps": 1}})
     assert trainer_command(plain, ["R", "E", "A"]) == [sys.executable, "-m", "tasks.train", "R", "E", "A"]
-    ddp = PipelineConfig.model_validate({**base, "train": {"max_steps": 1, "distributed": "ddp", "gpus": 2}})
-    argv = trainer_command(ddp, ["R", "E", "A"])
+    ranked = PipelineConfig.model_validate({**base, "train": {"max_steps": 1, "distributed": placement, "gpus": 2}})
+    argv = trainer_command(ranked, ["R", "E", "A"])
     assert argv[1:7] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m"]
     assert argv[7:] == ["tasks.train", "R", "E", "A"]
     assert ranks_to_launch(None, 4) == 4 and ranks_to_launch(None, 0) == 1 and ranks_to_launch(3, 0) == 3
