@@ -220,10 +220,11 @@ def sharded_vs_whole(world: World, base, tok, fused: bool, profile: str, packed:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = prepare_for_training(loaded, LORA, profile, compile, fused=fused, device=world.device)
+            g = torch.Generator().manual_seed(1)  # on the CPU: the same values for a model on any device
             with torch.no_grad():  # B away from zero: the adapter takes part in the loss
                 for name, p in model.named_parameters():
                     if "lora_B" in name:
-                        p.normal_(0, 0.02)
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         if sharded:
             distributed.shard(model, world)
         return model
