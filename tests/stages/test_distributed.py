@@ -285,6 +285,17 @@ def test_sharded_4bit_model_computes_what_the_whole_one_computes(tiny_quantized,
         sharded_vs_whole(world, tiny_quantized, tok, *SHARDED_CASES[case])
 
 
+def test_fsdp_refuses_lora_outside_the_decoder_layers(tiny_quantized) -> None:
+    """The output head stays whole on every rank: a LoRA adapter on it would be trained unsummed. Refused before
+    any collective (so no process group is needed here)."""
+    lora = LORA.model_copy(update={"target_modules": ["q_proj", "lm_head"]})
+    model = prepare_for_training(load_quantized(tiny_quantized.path), lora, "fast")
+    with pytest.raises(
+        UsageError, match=r"lie outside them: \['base_model.model.lm_head.lora_A.*use train.distributed='ddp'"
+    ):
+        distributed.shard(model, World(0, 1, 0, "cpu"))
+
+
 def test_rows_split_the_global_batch() -> None:
     shares = [World(r, 3, r, "cpu").rows(8) for r in range(3)]
     assert shares == [slice(0, 3), slice(3, 6), slice(6, 8)]
