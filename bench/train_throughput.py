@@ -4,8 +4,10 @@
     python bench/train_throughput.py --shape 8b --seq 2048 --batch 4 --steps 17 --warmup 3
     python bench/train_throughput.py --shape 8b --budgets 8 24 80          # best tokens/s within each budget
     python bench/train_throughput.py --shape tiny --seq 32 --batch 2 --steps 2 --warmup 1   # CPU smoke
-    # the data-parallel path: each loraflow variant also through torchrun on N GPUs (N gloo CPU ranks without)
+    # the distributed paths: each loraflow variant also through torchrun on N GPUs (N gloo CPU ranks without)
     python bench/train_throughput.py --shape 8b --seq 2048 --batch 4 --variants loraflow:balanced --gpus 1
+    python bench/train_throughput.py --shape 8b --seq 2048 --batch 4 --variants loraflow:balanced --gpus 1 \
+        --distributed ddp fsdp                                            # plain, @ddp1 and @fsdp1 side by side
 
 A Llama of the given shape is built from config with random weights, saved, loaded through the
 real 4-bit path (bitsandbytes NF4 + double quantization, bf16 compute, as the quantize stage
@@ -36,7 +38,12 @@ and the ranks train as the train stage's data-parallel path does (loraflow/ml/di
 takes its share of the same global batch of --batch rows, the LoRA gradients are all-reduced, and
 the losses are normalised by the global token count, so the losses match the 1-process run's.
 Its tokens/s counts every rank's tokens; its peak memory is the largest rank's. With N=1 the ratio
-of the two rows is the cost of the distributed path itself; with N>1, the scaling.
+of the two rows is the cost of the distributed path itself; with N>1, the scaling. With
+``--distributed fsdp`` (or ``ddp fsdp``: both) the ranks run ``<variant>@fsdpN`` as the train stage's
+``train.distributed='fsdp'`` does: the 4-bit checkpoint loaded in host memory, stored in bf16 and cut
+into one slice per rank by FSDP2 (``loraflow.ml.distributed.shard``), which all-gathers each layer
+before it runs and reduce-scatters the LoRA gradients; at N=1 its ratio to the plain row is what the
+gathering and freeing cost, and its peak memory what one rank holds.
 
 It prints tokens/s, peak GPU memory (allocated and reserved), the ratio to every other variant,
 and the largest difference of the first 20 losses against the first variant. With --budgets it
@@ -188,8 +195,8 @@ def batches(vocab: int, batch: int, seq: int, n: int) -> list:
 # --- one variant, in its own process ---
 
 
-def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = None):
-    """The model to train and a function batch -> mean loss, for one variant."""
+def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = None, world=None):
+    """The model to train and a function batch -> mean loss, for one variant; with ``world``, sharded over it."""
     import torch
 
     from loraflow.config import LoraConfig
@@ -214,7 +221,13 @@ def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = N
             random_state=0,
         )
         return model, lambda b: model(**b).loss
-    model = load_4bit(path, device)
+    if world is not None:  # as tasks/train.py loads for 'fsdp': host memory, the saved compute dtype
+        from loraflow.ml.models import load_quantized
+
+        compute = json.loads((path / "config.json").read_text())["quantization_config"]["bnb_4bit_compute_dtype"]
+        model = load_quantized(path, device="cpu", compute_dtype=None if device == "cpu" else compute)
+    else:
+        model = load_4bit(path, device)
     if engine == "plain":
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -243,10 +256,19 @@ def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = N
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
         )
     model = prepare_for_training(
-        model, lora, profile, "on" if "compile" in extras else "off", fused=not {"peft", "ungrouped"} & set(extras)
+        model,
+        lora,
+        profile,
+        "on" if "compile" in extras else "off",
+        fused=not {"peft", "ungrouped"} & set(extras),
+        device=device,
     )
     if "ungrouped" in extras:  # the fused layers one by one (compiling starts at the first step)
         fuse_lora_4bit(model, group=False)
+    if world is not None:
+        from loraflow.ml import distributed
+
+        distributed.shard(model, world)
     lora4bit.DIRECT_DEQUANTIZE = "bnbops" not in extras
     memory.PREFETCH = "noprefetch" not in extras
     chunk = PROFILES[profile].loss_chunk_tokens
@@ -265,18 +287,19 @@ def run_variant(
 ) -> Result:
     import torch
 
-    engine, mode = variant.split("@", 1)[0].split(":", 1)  # "@ddpN": the ranks are this process's world
+    engine, mode = variant.split("@", 1)[0].split(":", 1)  # "@ddpN", "@fsdpN": the ranks are this process's world
+    sharded = world is not None and "@fsdp" in variant
     if "+expandable" in mode:  # read when the CUDA allocator starts, at the first allocation
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     cuda = torch.cuda.is_available()
-    model, step_loss = prepare(engine, mode, path, seq, world.device if world else None)
+    model, step_loss = prepare(engine, mode, path, seq, world.device if world else None, world if sharded else None)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.get_input_embeddings().weight.shape[0]
     device = model.get_input_embeddings().weight.device
     data = batches(vocab, batch, seq, warmup + steps)
-    if world is not None:
+    if world is not None and not sharded:  # shard() has broadcast them before cutting them
         world.broadcast_params(params)
     if engine != "loraflow":  # the train stage takes host batches and moves them itself (loraflow/ml/loss.py)
         data = [{k: v.to(device) for k, v in b.items()} for b in data]
@@ -297,7 +320,8 @@ def run_variant(
             scale = int((mine["labels"][:, 1:] != -100).sum()) / int((b["labels"][:, 1:] != -100).sum())
             loss = step_loss(mine) * scale
             loss.backward()
-            world.all_reduce_grads(params)
+            if not sharded:  # FSDP reduce-scattered them in the backward pass
+                world.all_reduce_grads(params)
             loss = torch.tensor(world.sum(loss.item()))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -328,7 +352,7 @@ def run_variant(
 def worker(args: argparse.Namespace) -> None:
     engine = args.variant.split(":", 1)[0]
     world = None
-    if "WORLD_SIZE" in os.environ:  # one rank of a `@ddpN` variant, started by torchrun (see spawn)
+    if "WORLD_SIZE" in os.environ:  # one rank of a `@ddpN` or `@fsdpN` variant, started by torchrun (see spawn)
         from loraflow.ml import distributed
 
         env = os.environ
@@ -367,8 +391,8 @@ def spawn(
 ) -> Result:
     out = tmp / f"{variant.replace(':', '-').replace('+', '_').replace('@', '_')}-{batch}.json"
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--model", str(model)]
-    if "@ddp" in variant:  # N ranks through torchrun, as the train flow launches the trainer (flows/trainer.py)
-        ranks = variant.rsplit("@ddp", 1)[1]
+    if "@" in variant:  # N ranks through torchrun, as the train flow launches the trainer (flows/trainer.py)
+        ranks = variant.rsplit("@", 1)[1].removeprefix("ddp").removeprefix("fsdp")
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", ranks, "--standalone"]
         cmd = [*torchrun, *cmd[1:]]
     cmd += ["--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
@@ -453,6 +477,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
         metavar="N",
         help="also run each loraflow variant on N torchrun ranks",
     )
+    ap.add_argument(
+        "--distributed",
+        nargs="+",
+        choices=["ddp", "fsdp"],
+        default=["ddp"],
+        help="with --gpus: the ranks' placement, data-parallel (<variant>@ddpN) or sharded (<variant>@fsdpN), or both",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -461,8 +492,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if args.gpus:
         if args.batch < args.gpus:
             ap.error(f"--gpus {args.gpus} splits --batch {args.batch} rows: give at least one row per rank")
-        ddp = [f"{v}@ddp{args.gpus}" for v in args.variants if v.startswith("loraflow:")]
-        args.variants = [*args.variants, *ddp]
+        ranked = [f"{v}@{d}{args.gpus}" for d in args.distributed for v in args.variants if v.startswith("loraflow:")]
+        args.variants = [*args.variants, *ranked]
     if args.worker:
         worker(args)
         return []

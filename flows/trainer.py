@@ -8,7 +8,7 @@ A killed trainer (SIGKILL, OOM) fails the attempt with the step it reached; Pref
 attempt, and the next trainer resumes from the newest checkpoint. The trainer dies with this
 process (``PR_SET_PDEATHSIG``), so a cancelled or crashed flow leaves no orphan training on.
 
-With ``train.distributed='ddp'`` the trainer is torchrun, which starts one rank per GPU of this
+With ``train.distributed`` 'ddp' or 'fsdp' the trainer is torchrun, which starts one rank per GPU of this
 machine (``train.gpus``, or every GPU it sees): the ranks die with torchrun as torchrun dies with
 this process, rank 0 writes the one event log this side follows, and the attempt's log holds every
 rank's output.
@@ -130,7 +130,7 @@ def run_attempt(
 
 
 def trainer_command(config: PipelineConfig, args: list[str]) -> list[str]:
-    """The trainer's command line: ``python -m tasks.train ARGS``, under torchrun with one rank per GPU for 'ddp'."""
+    """The trainer's command line: ``python -m tasks.train ARGS``, under torchrun (a rank per GPU) for 'ddp'/'fsdp'."""
     cfg = config.train
     if cfg.distributed == "none":
         return [sys.executable, "-m", "tasks.train", *args]

@@ -184,10 +184,13 @@ class TrainConfig(_Section):
     )
     log_every: int = Field(1, ge=1, description="Log the training loss to the tracker every N steps.")
     distributed: Distributed = Field(
-        "none", description="'none': one process; 'ddp': data-parallel ranks via torchrun; 'fsdp': sharded (FSDP2)."
+        "none",
+        description="'none': one process; 'ddp': ranks via torchrun; 'fsdp': ranks sharding base and adapter (FSDP2).",
     )
     gpus: int | None = Field(
-        None, ge=1, description="Ranks torchrun starts with 'ddp' (None: every GPU the worker sees, 1 without one)."
+        None,
+        ge=1,
+        description="Ranks torchrun starts for 'ddp'/'fsdp' (None: every GPU the worker sees, 1 without one).",
     )
 
     def identity(self) -> dict[str, Any]:
@@ -204,12 +207,7 @@ class TrainConfig(_Section):
     def _placement(self) -> TrainConfig:
         problems = []
         if self.distributed == "none" and self.gpus not in (None, 1):
-            problems.append(f"train.gpus={self.gpus} needs train.distributed='ddp' (or 1 GPU with 'none')")
-        if self.distributed == "fsdp":
-            problems.append(
-                "train.distributed='fsdp' is not supported yet: FSDP2 sharding of the bitsandbytes 4-bit base is "
-                "unproven (no multi-GPU machine to check it on); use 'ddp' when the 4-bit base fits one GPU"
-            )
+            problems.append(f"train.gpus={self.gpus} needs train.distributed='ddp' or 'fsdp' (or 1 GPU with 'none')")
         if self.gpus is not None and self.batch_size < self.gpus:
             problems.append(
                 f"train.batch_size={self.batch_size} is split across train.gpus={self.gpus} ranks: "

@@ -11,7 +11,7 @@ one attempt, not the flow:
 
 reads a :class:`TrainRequest`, appends every metric, tag and step to EVENTS.jsonl (the flow
 forwards them to MLflow and the logs) and writes the Adapter record to ADAPTER.json. With
-``train.distributed='ddp'`` the flow starts it under torchrun, one process per rank:
+``train.distributed`` 'ddp' or 'fsdp' the flow starts it under torchrun, one process per rank:
 
     python -m torch.distributed.run --nproc-per-node N --standalone -m tasks.train REQUEST EVENTS ADAPTER
 
@@ -67,8 +67,9 @@ def train(
 
     With ``checkpoint_dir``, checkpoints go there and training resumes from the newest one of this
     run (:func:`run_key`); one written with other library versions is refused unless
-    ``cfg.resume_across_versions``. With ``world``, this process is one data-parallel rank
-    (:mod:`loraflow.ml.distributed`): only rank 0 tracks and writes; every rank returns the same Adapter.
+    ``cfg.resume_across_versions``. With ``world``, this process is one rank (:mod:`loraflow.ml.distributed`),
+    holding the whole model ('ddp', and 'fsdp' without ``world``) or its shard of it ('fsdp'): only rank 0
+    tracks and writes; every rank returns the same Adapter.
     """
     start = time.perf_counter()
     if world is not None and not world.main:
@@ -99,17 +100,26 @@ def train(
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank
         device = world.device if world is not None else None
-        quantized = load_quantized(base.path, trust_remote_code=trust, device=device)
-        model = prepare_for_training(quantized, lora, cfg.memory_profile, cfg.compile)
-        init_adapter(model, lora, base.base.path)  # lora.init; LoftQ reads the full-precision weights
+        sharded = world is not None and cfg.distributed == "fsdp"
+        if sharded:  # in host memory: shard() moves each layer's slice to the GPU, which never holds the whole base
+            dtype = None if device == "cpu" else base.compute_dtype  # a GPU run keeps the saved one, never the CPU's
+            loaded = load_quantized(base.path, trust_remote_code=trust, device="cpu", compute_dtype=dtype)
+        else:
+            loaded = load_quantized(base.path, trust_remote_code=trust, device=device)
+        model = prepare_for_training(loaded, lora, cfg.memory_profile, cfg.compile, device=device)
+        # lora.init; LoftQ reads the full-precision weights (under 'fsdp' on the CPU: the model is in host memory)
+        init_adapter(model, lora, base.base.path)
+        if sharded:
+            distributed.shard(model, world)
         if world is not None and world.size > 1:  # each rank draws its own dropout masks for its own rows
             torch.manual_seed(cfg.seed + 1 + world.rank)
         result = fit(model, examples, tok.pad_token_id, cfg, tracker, checkpoint_dir, key, resume, on_step, world)
 
     adapter_dir = run_dir / "adapter"
     curve_path = run_dir / "train" / "loss_curve.json"
+    weights = checkpoints.adapter_tensors(model)  # every rank: gathered to rank 0 when sharded
     if world is None or world.main:
-        model.save_pretrained(adapter_dir)
+        model.save_pretrained(adapter_dir, state_dict=weights)
         tok.save_pretrained(adapter_dir)
         curve_path.parent.mkdir(parents=True, exist_ok=True)
         curve_path.write_text(json.dumps(result.curve))

@@ -148,13 +148,15 @@ def test_packing_throughput_long_context_small():
 
 @pytest.mark.slow
 def test_train_throughput_launches_ranks():
-    """--gpus N: each loraflow variant also runs on N torchrun ranks (gloo on the CPU) with the same losses."""
+    """--gpus N: each loraflow variant also runs on N torchrun ranks (gloo on the CPU), data-parallel and sharded
+    (--distributed ddp fsdp), with the same losses."""
     spec = importlib.util.spec_from_file_location("train_throughput", BENCH.parent / "train_throughput.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     args = ["--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1"]
-    one, two = module.main([*args, "--variants", "loraflow:fast", "--gpus", "2"])
-    assert (one.variant, two.variant) == ("loraflow:fast", "loraflow:fast@ddp2")
-    assert one.error is None and two.error is None and two.tokens_per_s > 0
-    assert max(abs(a - b) for a, b in zip(one.losses, two.losses, strict=True)) < 1e-3
+    one, *ranked = module.main([*args, "--variants", "loraflow:fast", "--gpus", "2", "--distributed", "ddp", "fsdp"])
+    assert [one.variant] + [r.variant for r in ranked] == ["loraflow:fast", "loraflow:fast@ddp2", "loraflow:fast@fsdp2"]
+    for two in ranked:
+        assert one.error is None and two.error is None and two.tokens_per_s > 0
+        assert max(abs(a - b) for a, b in zip(one.losses, two.losses, strict=True)) < 1e-3

@@ -106,3 +106,47 @@ def test_fused_operator_dequantizes_bit_for_bit_like_bitsandbytes(nested, dtype_
     with torch.no_grad():
         assert torch.equal(quant.product(x, 0), layer(x))
     assert torch.equal(quant.weight(0, dtype), bnb.functional.dequantize_4bit(layer.weight.data, qs))
+
+
+# --- train.distributed='fsdp' on CUDA (loraflow/ml/distributed.py) ---
+
+
+@pytest.mark.parametrize("case", ["fused", "lean", "compiled"])
+def test_sharded_4bit_model_computes_what_the_whole_one_computes_on_cuda(tiny_quantized, tok, tmp_path, case):
+    """FSDP2 with one rank on the GPU (nccl): the 4-bit weights loaded in host memory, stored in bf16, moved to
+    the GPU as fully_shard cuts them, gathered before each layer runs; the train step's loss and LoRA gradients
+    against the same model loaded whole on the GPU (tests/stages/test_distributed.py checks the same on the CPU)."""
+    from tests.stages.test_distributed import SHARDED_CASES, one_rank, sharded_vs_whole
+
+    with one_rank(tmp_path / "store", "cuda:0") as world:
+        sharded_vs_whole(world, tiny_quantized, tok, *SHARDED_CASES[case])
+
+
+@pytest.mark.parametrize("update", [{}, {"memory_profile": "lean", "compile": "on"}], ids=["fast", "lean-compiled"])
+def test_fsdp_through_torchrun_on_cuda(tiny_quantized, tiny_data, tmp_path, update):
+    """train.distributed='fsdp' as the train flow runs it: torchrun, one rank on the GPU; the loss falls as it does
+    in one process, rank 0 reports its GPU memory, and the adapter gathered from the shards merges."""
+    from loraflow.config import MergeConfig
+    from loraflow.ml.distributed import RANK_PEAK_MEMORY_GB
+    from loraflow.tracking import EventReader
+    from tasks.merge import merge
+    from tasks.train import train
+    from tests.conftest import LORA
+    from tests.stages.conftest import TRAIN, loss_curve
+    from tests.stages.test_distributed import ADAPTER_TOLERANCE, adapter_of, max_diff, run_on_ranks
+
+    cfg = TRAIN.model_copy(update={"max_steps": 12, "checkpoint_every": None, **update})
+    sharded = run_on_ranks(1, cfg.model_copy(update={"distributed": "fsdp", "gpus": 1}), tiny_quantized, tiny_data,
+                           tmp_path / "fsdp")  # fmt: skip
+    one = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "one")
+    curve = loss_curve(sharded)
+    assert curve[-1] < curve[0] - 0.5
+    assert curve == pytest.approx(loss_curve(one), rel=2e-3)  # bf16 kernels may round differently
+    assert max_diff(adapter_of(sharded), adapter_of(one)) < ADAPTER_TOLERANCE
+    metrics = {}
+    for e in EventReader(tmp_path / "fsdp" / "events.jsonl").new():
+        if e["kind"] == "metrics":
+            metrics.update(e["metrics"])
+    assert 0 < metrics[RANK_PEAK_MEMORY_GB.format(rank=0)] < 1  # GPU memory of a tiny model
+    merged = merge(tiny_quantized, sharded, tiny_data, MergeConfig(), tmp_path / "fsdp")
+    assert merged.max_abs_logit_diff < 1e-3

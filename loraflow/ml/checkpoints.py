@@ -23,6 +23,15 @@ resumes on M. What "exactly" means then:
   dropout masks are drawn per rank for its rows, so with dropout > 0 they differ from what the old
   run would have drawn: the same distribution, not the same masks (with dropout 0 nothing is drawn).
 
+One format whatever the placement: the adapter is written in peft's format from its whole tensors and
+the optimizer state keyed by parameter name, both gathered through torch's distributed state-dict API
+(``get_model_state_dict`` / ``get_optimizer_state_dict`` with ``full_state_dict``). Under FSDP
+(``train.distributed='fsdp'``) that gathers every rank's shards to rank 0's host memory; without it the
+same calls just copy. Loading (:func:`restore`) hands the whole tensors to ``set_model_state_dict`` /
+``set_optimizer_state_dict``, which keep each rank's shard under FSDP. So a checkpoint of 2 FSDP ranks
+resumes on 1 process, on DDP ranks or on 3 FSDP ranks, and the other way round. Optimizer states keyed by
+position (written before this format) are read too.
+
 Resuming across a change of torch, transformers, peft, bitsandbytes or loraflow is refused with a
 message naming what changed: such a change can alter the loss curve silently (the failure users of
 other trainers report). ``allow_version_change`` resumes anyway, and the caller records that.
@@ -39,8 +48,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from loraflow.errors import UsageError
+from loraflow.ml.merge import ADAPTER_WEIGHTS
 
 META = "meta.json"
 STATE = "trainer_state.pt"
@@ -106,17 +124,21 @@ def save(
     folder: Path,
     step: int,
     model: torch.nn.Module,
+    adapter: dict[str, torch.Tensor],
     state: dict[str, Any],
     meta: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoint ``step`` atomically into ``folder`` and prune it to the newest ``keep``."""
+    """Write checkpoint ``step`` atomically into ``folder`` and prune it to the newest ``keep``.
+
+    ``adapter`` is :func:`adapter_tensors` of ``model``; ``state["optimizer"]`` :func:`optimizer_state`.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:06d}"
     tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=adapter)
         torch.save(state, tmp / STATE)
         (tmp / META).write_text(json.dumps({**meta, "step": step, "versions": library_versions()}, indent=2))
         for f in tmp.rglob("*"):
@@ -204,3 +226,69 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# Whole tensors, gathered to rank 0's host memory when the model is sharded (FSDP); a plain copy otherwise.
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """The trainable parameters' names, in the order of ``model.parameters()`` (the optimizer's order)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) weights, whole and on the CPU, keyed by the model's parameter names.
+
+    A collective when the model is sharded: every rank calls it; rank 0 gets the tensors, the others nothing.
+    ``model.save_pretrained(folder, state_dict=...)`` writes them in peft's format.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trainable = set(trainable_names(model))
+    return {k: v for k, v in get_model_state_dict(model, options=options).items() if k in trainable}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name, whole and on the CPU (a collective when sharded, as above)."""
+    return get_optimizer_state_dict(model, optimizer, options=_WHOLE)
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> dict[str, Any]:
+    """Load a checkpoint's adapter and optimizer state into ``model`` and ``optimizer``; return its state.
+
+    Every rank reads the files and keeps its own shard (FSDP) or the whole (otherwise). peft writes the
+    adapter's keys without the adapter's name (``...lora_A.weight`` for ``...lora_A.default.weight``).
+
+    Raises:
+        UsageError: the checkpoint's adapter does not hold exactly this model's trainable weights.
+    """
+    state = checkpoint.state()
+    saved = load_file(checkpoint.path / ADAPTER_WEIGHTS)
+    names = trainable_names(model)
+    adapter = model.active_adapter if hasattr(model, "active_adapter") else "default"
+    keys = {name: _saved_key(name, adapter) for name in names}
+    if set(keys.values()) != set(saved):
+        missing, extra = sorted(set(keys.values()) - set(saved)), sorted(set(saved) - set(keys.values()))
+        raise UsageError(
+            f"checkpoint {checkpoint.path} does not hold this model's adapter (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); remove it or start over with `--fresh`"
+        )
+    whole = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, {name: saved[key] for name, key in keys.items()}, options=whole)
+    set_optimizer_state_dict(model, optimizer, _by_name(state["optimizer"], names), options=whole)
+    return state
+
+
+def _saved_key(name: str, adapter: str) -> str:
+    """A parameter's key in peft's saved adapter: the adapter's name taken out, as peft's
+    ``get_peft_model_state_dict`` does (``q_proj.lora_A.default.weight`` -> ``q_proj.lora_A.weight``)."""
+    head, _, last = name.rpartition(".")
+    return head if last == adapter else f"{head.removesuffix(f'.{adapter}')}.{last}"
+
+
+def _by_name(optim: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter position (``optimizer.state_dict()``) keyed by name instead."""
+    if all(isinstance(k, str) for k in optim["state"]):
+        return optim
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in optim["param_groups"]]
+    return {"state": {names[i]: v for i, v in optim["state"].items()}, "param_groups": groups}

@@ -306,12 +306,13 @@ lora_nf4.register_autograd(_backward, setup_context=_setup_context)
 def _operator_inputs(bases: Sequence[torch.nn.Module]) -> tuple:
     """The operator's arguments for the 4-bit weights of ``bases`` (bitsandbytes ``Linear4bit``s
     with the same quantization settings), from qweights to state_dtype."""
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
     states = []
     for base in bases:
-        fix_4bit_weight_quant_state_from_module(base)
-        states.append(base.weight.quant_state)
+        # Sharded by FSDP (loraflow/ml/distributed.py), a layer's weight arrives as the plain gathered tensor
+        # without bitsandbytes' quant_state, which the module keeps. bitsandbytes' own forward re-wraps the weight
+        # to re-attach it (a `.data` assignment, which breaks a torch.compile graph); the operator reads it here.
+        state = getattr(base.weight, "quant_state", None)
+        states.append(state if state is not None else base.quant_state)
     qs = states[0]
     nested = [(s.state2.absmax, s.state2.code, s.offset) for s in states] if qs.nested else []
     absmax2, code2, offset = (list(t) for t in zip(*nested, strict=True)) if nested else ([], [], [])

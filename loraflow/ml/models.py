@@ -105,6 +105,39 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
     return n
 
 
+def set_quant_storage(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store every 4-bit weight in ``dtype``: the same packed bytes, viewed as ``dtype`` elements.
+
+    This is what ``BitsAndBytesConfig(bnb_4bit_quant_storage=dtype)`` gives at quantization time
+    (bitsandbytes packs into uint8 and views the result as the storage dtype), done to a loaded
+    checkpoint instead, so that the quantize stage's one checkpoint serves every placement. FSDP
+    shards parameters along their first dimension whatever their dtype; a floating storage equal to
+    the compute dtype is the FSDP-QLoRA setup of PEFT's guide and Answer.AI's fsdp_qlora.
+    Returns the number of weights changed.
+
+    Raises:
+        UsageError: a weight's packed bytes do not fill whole ``dtype`` elements.
+    """
+    import bitsandbytes as bnb
+
+    size = torch.empty(0, dtype=dtype).element_size()
+    n = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        w = module.weight
+        packed = w.data.view(torch.uint8).view(-1)
+        if packed.numel() % size:
+            raise UsageError(
+                f"{name}: {packed.numel()} bytes of 4-bit weights do not fill whole {dtype} elements; "
+                "use train.distributed='ddp' for this model"
+            )
+        w.data = packed.view(dtype).unsqueeze(1)
+        w.quant_storage = module.quant_storage = dtype
+        n += 1
+    return n
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer in ``path`` (a model, 4-bit checkpoint or adapter folder), with a pad token."""
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

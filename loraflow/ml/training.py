@@ -15,19 +15,18 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import get_peft_model
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from loraflow.config import CompileMode, LoraConfig, TrainConfig
 from loraflow.ml import checkpoints
 from loraflow.ml.attention import resolve_attention, set_attention
 from loraflow.ml.batching import collate, collate_packed, micro_batches, packed_micro_batches, packed_rows_per_epoch
-from loraflow.ml.distributed import World
+from loraflow.ml.distributed import World, is_sharded
 from loraflow.ml.lora4bit import fuse_lora_4bit
 from loraflow.ml.loss import token_loss_sum
 from loraflow.ml.memory import PROFILES, MemoryProfile, apply_profile
-from loraflow.ml.merge import ADAPTER_WEIGHTS
 from loraflow.ml.prompts import IGNORE_INDEX, Encoded
 from loraflow.tracking import NULL_TRACKER, Tracker
 
@@ -48,6 +47,7 @@ def prepare_for_training(
     profile: MemoryProfile,
     compile: CompileMode = "off",
     fused: bool = True,
+    device: str | None = None,
 ) -> torch.nn.Module:
     """Freeze the (4-bit) base, set up the memory profile and wrap it with a fresh LoRA adapter.
 
@@ -55,7 +55,8 @@ def prepare_for_training(
     would upcast them all (lm_head included) to fp32, which costs 2.3x throughput on a GPU for
     no measured gain (DESIGN.md). With ``compile``, each decoder layer, LoRA included, goes
     through torch.compile: the layers share one compiled graph, which fuses the norms,
-    activations, rotary embeddings and LoRA additions that eager mode runs as separate kernels.
+    activations, rotary embeddings and LoRA additions that eager mode runs as separate kernels;
+    'auto' compiles when the model trains on a GPU (``device``, by default where it is now).
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -63,7 +64,7 @@ def prepare_for_training(
     peft_model = get_peft_model(model, peft_config(lora))
     if fused:
         fuse_lora_4bit(peft_model)
-    if compile == "on" or (compile == "auto" and model.device.type == "cuda"):
+    if compile == "on" or (compile == "auto" and torch.device(device or model.device).type == "cuda"):
         for layer in model.get_decoder().layers:
             layer.compile()
     return peft_model
@@ -126,10 +127,12 @@ def fit(
     was: adapter, optimizer, scheduler, RNG states, data position and loss curve restored, so the
     steps after it compute what an uninterrupted run computes.
 
-    With ``world`` (data-parallel ranks, :mod:`loraflow.ml.distributed`), every rank computes its share
-    of each global micro-batch and the adapter gradients are summed over ranks before clipping; only
-    rank 0 writes checkpoints (with every rank's RNG states) and calls ``tracker`` and ``on_step``.
+    With ``world`` (ranks, :mod:`loraflow.ml.distributed`), every rank computes its share of each global
+    micro-batch and the adapter gradients are summed over ranks before clipping: by one all-reduce
+    here, or by FSDP's reduce-scatter when the model is sharded (``distributed.shard``). Only rank 0
+    writes checkpoints (with every rank's RNG states) and calls ``tracker`` and ``on_step``.
     """
+    sharded = is_sharded(model)
     if cfg.packing:
         units = packed_rows_per_epoch(examples, cfg.max_seq_length, cfg.seed)
         stream = packed_micro_batches(examples, cfg.batch_size, cfg.max_seq_length, cfg.seed)
@@ -149,16 +152,14 @@ def fit(
     if world is not None:
         world.rows(cfg.batch_size)  # refuses a batch too small to split before any work
     if resume is not None:
-        state = resume.state()
-        set_peft_model_state_dict(model, load_file(resume.path / ADAPTER_WEIGHTS))
-        optimizer.load_state_dict(state["optimizer"])
+        state = checkpoints.restore(model, optimizer, resume)
         scheduler.load_state_dict(state["scheduler"])
         loop = state["loop"]
         start = resume.step
         for _ in range(start * cfg.grad_accum):  # the batch stream is replayed, not stored
             next(stream)
         checkpoints.set_rng_states(checkpoints.rng_of_rank(state, world.rank if world else 0))
-    if world is not None:
+    if world is not None and not sharded:
         world.broadcast_params(params)  # identical by construction (same seed, same file); made sure, as DDP does
     curve, window = loop["curve"], loop["window"]
     rank_tokens, loop_began = 0, time.perf_counter()
@@ -177,12 +178,14 @@ def fit(
             (loss_sum / n_tokens).backward()
             step_loss += loss_sum.item() / n_tokens
         if world is not None:
-            world.all_reduce_grads(params)
+            if not sharded:  # FSDP has reduce-scattered them in the backward pass
+                world.all_reduce_grads(params)
             step_loss = world.sum(step_loss)
         else:
             rank_tokens += step_tokens
         loop["trained_tokens"] += step_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -197,8 +200,9 @@ def fit(
             loop["last_window"], window = window, []
             loop["window"] = window
         if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+            adapter = checkpoints.adapter_tensors(model)  # every rank: gathered when sharded
             state = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": checkpoints.optimizer_state(model, optimizer),
                 "scheduler": scheduler.state_dict(),
                 "rng": checkpoints.rng_states(),
                 "loop": loop,
@@ -208,7 +212,7 @@ def fit(
                 state["rng_ranks"] = world.gather(state["rng"])
                 meta["world_size"] = world.size
             if world is None or world.main:
-                checkpoints.save(checkpoint_dir, step, model, state, meta, cfg.keep_checkpoints)
+                checkpoints.save(checkpoint_dir, step, model, adapter, state, meta, cfg.keep_checkpoints)
         if on_step is not None and (world is None or world.main):
             on_step(StepInfo(step, steps, step_loss, time.perf_counter() - began, step_tokens))
     if world is not None:

@@ -21,6 +21,7 @@ from loraflow.ml.models import (
     disable_cpu_weight_repacking,
     load_quantized,
     prepare_base,
+    set_quant_storage,
 )
 from loraflow.ml.training import prepare_for_training
 from loraflow.records import QuantizedBase
@@ -247,3 +248,27 @@ def test_an_installed_package_is_found_where_python_installed_it(tmp_path) -> No
 
     folder = resolve_model_path("pkg:loraflow", allowed_roots=[str(tmp_path)])
     assert (folder / "config.py").is_file()
+
+
+# --- the 4-bit storage dtype FSDP shards (loraflow/ml/distributed.py) ---
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quant_storage_is_the_same_bytes_in_another_dtype(tiny_quantized, tok, dtype) -> None:
+    """set_quant_storage views the packed bytes as ``dtype``, as bitsandbytes packs with bnb_4bit_quant_storage,
+    and the model computes the same loss bit for bit."""
+    model = load_quantized(tiny_quantized.path)
+    packed = {n: m.weight.data.clone() for n, m in linear4bit(model).items()}
+    batch = records_batch(tok)
+    with torch.no_grad():
+        before = token_loss_sum(model, batch)[0]
+        assert set_quant_storage(model, dtype) == 2 * len(PROJECTIONS)
+        after = token_loss_sum(model, batch)[0]
+    assert torch.equal(after, before)
+    for name, layer in linear4bit(model).items():
+        assert (layer.weight.dtype, layer.weight.quant_storage, layer.weight.shape[1]) == (dtype, dtype, 1)
+        assert torch.equal(layer.weight.data.view(torch.uint8).view(-1), packed[name].view(-1)), name
+    w = torch.randn(48, 64)
+    as_uint8, _ = bnb.functional.quantize_4bit(w, quant_type="nf4")
+    as_dtype, _ = bnb.functional.quantize_4bit(w, quant_type="nf4", quant_storage=dtype)
+    assert as_dtype.dtype == dtype and torch.equal(as_dtype.view(torch.uint8).view(-1), as_uint8.view(-1))

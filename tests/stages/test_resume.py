@@ -59,6 +59,26 @@ def test_resumed_run_equals_the_uninterrupted_run(trained, tiny_quantized, tiny_
     assert metric_steps == list(range(from_step + 1, 16))  # only the steps it computed itself
 
 
+def test_checkpoint_with_the_optimizer_keyed_by_position_resumes(trained, tiny_quantized, tiny_data, tmp_path):
+    """Checkpoints hold the optimizer state keyed by parameter name (one format for every placement); those
+    written before it held ``optimizer.state_dict()``, keyed by position, and still resume exactly."""
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(Path(trained.checkpoints[0]).parent, folder)
+    newest = checkpoints.latest(folder)
+    state = newest.state()
+    by_name = state["optimizer"]
+    (group,) = by_name["param_groups"]
+    names = group["params"]  # the optimizer's order
+    assert all(isinstance(k, str) for k in by_name["state"]) and set(by_name["state"]) == set(names)
+    state["optimizer"] = {
+        "state": {i: by_name["state"][name] for i, name in enumerate(names)},
+        "param_groups": [{**group, "params": list(range(len(names)))}],
+    }
+    torch.save(state, newest.path / checkpoints.STATE)
+    resumed = train(tiny_quantized, tiny_data, LORA, TRAIN, tmp_path / "run", checkpoint_dir=folder)
+    assert_same_run(resumed, trained)
+
+
 def test_checkpoint_of_other_versions_is_refused_unless_allowed(trained, tiny_quantized, tiny_data, tmp_path) -> None:
     folder = tmp_path / "checkpoints"
     shutil.copytree(Path(trained.checkpoints[0]).parent, folder)
