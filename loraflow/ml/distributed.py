@@ -98,9 +98,15 @@ class World:
 
     def broadcast_params(self, params: list[torch.nn.Parameter]) -> None:
         """Make every rank's ``params`` rank 0's (what DDP does when it wraps a module)."""
+        comm = torch.device(self._comm_device)
         with torch.no_grad():
             for p in params:
-                dist.broadcast(p.data, src=0)
+                if p.device.type == comm.type:
+                    dist.broadcast(p.data, src=0)
+                else:  # nccl sends CUDA tensors only: under fsdp the model is still in host memory here
+                    buf = p.data.to(comm)
+                    dist.broadcast(buf, src=0)
+                    p.data.copy_(buf)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""

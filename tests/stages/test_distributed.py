@@ -57,7 +57,8 @@ FSDP_VS_DDP = 1e-5
 
 
 def torchrun(ranks: int, request: Path, events: Path, result: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried packages stay found
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone"]
     argv += ["-m", "tasks.train", str(request), str(events), str(result)]
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

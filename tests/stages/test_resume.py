@@ -145,7 +145,8 @@ def test_event_reader_leaves_a_partial_line_for_later(tmp_path) -> None:
 
 
 def trainer(request: Path, events: Path, result: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried packages stay found
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     argv = [sys.executable, "-m", "tasks.train", str(request), str(events), str(result)]
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
