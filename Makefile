@@ -27,13 +27,14 @@ demo: setup
 system:
 	@bash scripts/system-deps.sh
 
-# Everything but the simulated month, slow tests included: kill tests, MLflow outages (~25 min on 2 cores).
+# Everything, slow tests included: kill tests, MLflow outages, and the simulated month compressed to
+# 12 nights (every kind of kill, the retention window filled twice).
 test: setup system
 	$(PY) -m pytest -q
 
-# A month of nightly runs on a stack of its own, some nights killed (tests/flows/test_month.py).
+# The whole month: 30 nightly runs on a stack of their own, some killed; prints the month's report.
 month: setup
-	$(PY) -m pytest -q -s -m month
+	LORAFLOW_MONTH_NIGHTS=30 $(PY) -m pytest -q -s -m month
 
 # For iteration: unit tests only, no servers, no kills (~3 min).
 test-fast: setup
