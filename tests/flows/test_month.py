@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -181,8 +182,10 @@ def test_a_month_of_nightly_runs(own_stack, tiny_base, tmp_path):
     # What retention manages (run folders with their merged models and checkpoints, the stage caches): flat
     # once the retention window has filled (the first nights also build the caches).
     managed = [d.get("runs", 0) + d.get("cache", 0) for d in disk]
+    # A night that leaves less (a crashed run has no merged model) is a dip, not growth: the bound is on the
+    # window's median.
     window = managed[KEEP_RUNS + 2 :]
-    assert max(window) <= 1.15 * min(window), table
+    assert max(window) <= 1.15 * statistics.median(window), table
     # What is kept for good grows by what a night records, not by what it computes: Prefect's history (until its
     # vacuum, LORAFLOW_PREFECT_HISTORY_DAYS), MLflow's runs and each version's adapter, the services' logs. A merged
     # model or a checkpoint landing outside retention's reach would show here.
