@@ -72,11 +72,12 @@ def prepare(shape: str, work: Path) -> tuple[Path, Path, int]:
         full = build(shape, work / f"{shape}-bf16")
         model = load_4bit(full)
         model.save_pretrained(base)
-        shutil.rmtree(full)  # 16 GB for 8b, not needed any more
         torch.manual_seed(0)
         # init_lora_weights=False: B random too (peft's default B = 0 would merge nothing).
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=LINEAR, init_lora_weights=False)
+        # Saved while the model it names still exists: peft reads that folder's config as it saves.
         get_peft_model(model, lora).save_pretrained(adapter)
+        shutil.rmtree(full)  # 16 GB for 8b, not needed any more
         del model
         gc.collect()  # the peft wrapper's reference cycles would keep the 4-bit model alive beside the children
         if torch.cuda.is_available():
