@@ -182,9 +182,11 @@ def _print_summary(summary, settings) -> None:
 
     v = summary.version
     print(f"\nRegistered model: {v.name}  version {v.version}  (alias '{v.alias}', {v.model_uri})")
-    print(f"{'metric':<12}{'base':>12}{'fine-tuned':>12}{'change':>10}")
-    for r in metrics_rows(summary.evaluation):
-        print(f"{r['metric']:<12}{r['base']:>12}{r['fine-tuned']:>12}{r['change']:>10}")
+    rows = metrics_rows(summary.evaluation)
+    width = max(len(r["metric"]) for r in rows) + 2  # the general-text row's name is the long one
+    print(f"{'metric':<{width}}{'base':>12}{'fine-tuned':>12}  change")
+    for r in rows:
+        print(f"{r['metric']:<{width}}{r['base']:>12}{r['fine-tuned']:>12}  {r['change']}")
     m = summary.merged
     print(f"merge check: max |dlogit| {m.max_abs_logit_diff:.3g} <= tolerance {m.tolerance:g}")
     print("stage seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in summary.stage_seconds.items()))
