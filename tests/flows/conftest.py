@@ -67,8 +67,14 @@ def write_config(path: Path, base: Path, data: Path, model_name: str = MODEL_NAM
             "allowed_roots": [str(data.parent)],  # the config lives elsewhere
         },
         "lora": {"r": 4, "alpha": 8},
-        "train": {"learning_rate": 5e-3, "max_steps": 6, "batch_size": 4, "max_seq_length": 96, "checkpoint_every": 3,
-                  "seed": zlib.crc32(model_name.encode()) % 100_000},
+        "train": {
+            "learning_rate": 5e-3,
+            "max_steps": 6,
+            "batch_size": 4,
+            "max_seq_length": 96,
+            "checkpoint_every": 3,
+            "seed": zlib.crc32(model_name.encode()) % 100_000,
+        },
         "eval": {"batch_size": 8, "max_new_tokens": 6},
         "merge": {"verify_rows": 4, "tolerance": 1e-3},
         "registry": {"model_name": model_name},
