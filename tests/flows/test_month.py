@@ -44,7 +44,7 @@ from tests.flows.conftest import FIXTURE, cli_env, crash_mlflow, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.month]
 
-# 12 by default (`make test`: every kind of kill, the retention window filled twice, ~12 min on 2 cores);
+# 12 by default (`make test`: every kind of kill, the retention window filled twice; 7.5 min on a quiet 2-core VM);
 # `make month` runs 30.
 NIGHTS = int(os.environ.get("LORAFLOW_MONTH_NIGHTS", "12"))
 KEEP_RUNS = 4
