@@ -22,10 +22,11 @@ log of each length (long tails of a few thousand tokens, as these datasets have)
 at least one prompt and one response token and cut to ``--seq`` tokens. Token ids are random: the
 throughput depends on lengths, not on which tokens.
 
-A step is the same group of examples for every variant: the examples that ``--batch`` rows of
-``--seq`` tokens hold when packed in order (loraflow/ml/batching.py ``pack``). Each variant then
-trains on that group in its own layout, in a process of its own on the 4-bit checkpoint of
-bench/train_throughput.py (same build, LoRA r=16 on all seven projections, same LoRA seed):
+A step is the same group of examples for every variant: ``--batch`` rows of ``--seq`` tokens of
+one epoch packed as the train stage packs it (loraflow/ml/batching.py ``epoch_rows``: the examples
+shuffled, packed by best fit decreasing, the rows shuffled; the header prints the rows' fill). Each
+variant then trains on that group in its own layout, in a process of its own on the 4-bit checkpoint
+of bench/train_throughput.py (same build, LoRA r=16 on all seven projections, same LoRA seed):
 
   loraflow:padded        the train stage without packing: micro-batches of --padded-batch examples,
                          right-padded to the longest (gradient accumulation over the group)
@@ -121,15 +122,21 @@ def examples(n: int, seq: int, vocab: int, seed: int = 0):
     return out
 
 
-def step_groups(encoded, batch: int, seq: int, steps: int):
-    """Each step's examples: those that ``batch`` rows of ``seq`` tokens hold when packed in order."""
-    from loraflow.ml.batching import pack
+def step_groups(encoded, batch: int, seq: int, steps: int, seed: int = 0):
+    """Each step's examples: ``batch`` rows of ``seq`` tokens of one epoch, packed as the train stage packs them."""
+    from loraflow.ml.batching import epoch_rows
 
-    rows = pack(encoded, seq)
+    rows = epoch_rows(encoded, seq, random.Random(seed))
     groups = [rows[i : i + batch] for i in range(0, len(rows) - batch + 1, batch)][:steps]
     if len(groups) < steps:
         raise ValueError(f"{len(encoded)} examples make only {len(groups)} steps; raise the example count")
     return groups
+
+
+def fill(groups, seq: int) -> float:
+    """Real tokens over the rows' capacity: what packing leaves unpadded."""
+    real = sum(len(e.input_ids) for rows in groups for row in rows for e in row)
+    return real / (seq * sum(len(rows) for rows in groups))
 
 
 def layout(kind: str, rows, pad_id: int, padded_batch: int) -> list[dict]:
@@ -364,10 +371,12 @@ def main(argv: list[str] | None = None) -> dict:
             shown = [n for n in (8192, 16384, 32768) if n in args.lengths]
             text = long_table(results, args.budgets, shown)
         else:
+            groups = step_groups(examples(args.examples, args.seq, 2), args.batch, args.seq, args.warmup + args.steps)
             results = [spawn(v, model, args, logs) for v in args.variants]
             header = (
                 f"shape={args.shape} rows={args.batch}x{args.seq} padded micro-batch={args.padded_batch} "
-                f"steps={args.warmup}+{args.steps} on {gpu}; lengths: {', '.join(DATASETS)} (Wang et al. 2023)"
+                f"steps={args.warmup}+{args.steps} on {gpu}; lengths: {', '.join(DATASETS)} (Wang et al. 2023); "
+                f"packed rows {fill(groups, args.seq):.1%} real tokens"
             )
             text = table(results)
     print(header)

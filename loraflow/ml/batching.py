@@ -9,6 +9,7 @@ packed row equals the sum of its examples' losses (tests/ml/test_batching.py).
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Iterator
 
@@ -60,19 +61,38 @@ def collate_packed(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def pack(examples: list[Encoded], max_length: int) -> list[Row]:
-    """Rows of at most ``max_length`` tokens, filled with whole examples in the given order."""
+    """Rows of at most ``max_length`` tokens, filled with whole examples by best fit decreasing.
+
+    The longest example goes first, each into the fullest row it still fits (a new row if none),
+    so short examples fill the gaps that long ones leave: on instruction-length data about 99% of
+    each row is real tokens, where filling rows in the given order leaves about 11% padding
+    (bench/packing_throughput.py prints the fill). Rows come out longest-example first; callers
+    shuffle them (:func:`epoch_rows`). Ties keep the given order, so the result is deterministic.
+    An example longer than ``max_length`` gets a row of its own.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     rows: list[Row] = []
-    row: Row = []
-    used = 0
-    for e in examples:
-        n = len(e.input_ids)
-        if row and used + n > max_length:
-            rows.append(row)
-            row, used = [], 0
-        row.append(e)
-        used += n
-    if row:
-        rows.append(row)
+    free: list[tuple[int, int]] = []  # (tokens left, row index) of the rows with room, sorted
+    for i in order:
+        n = len(examples[i].input_ids)
+        at = bisect.bisect_left(free, (n, -1))  # the row with the least room that still holds n
+        if at < len(free):
+            left, r = free.pop(at)
+        else:
+            left, r = max_length, len(rows)
+            rows.append([])
+        rows[r].append(examples[i])
+        if left - n > 0:
+            bisect.insort(free, (left - n, r))
+    return rows
+
+
+def epoch_rows(examples: list[Encoded], max_length: int, rng: random.Random) -> list[Row]:
+    """One epoch's packed rows: the examples shuffled, packed (:func:`pack`), the rows shuffled."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    rows = pack([examples[j] for j in order], max_length)
+    rng.shuffle(rows)
     return rows
 
 
@@ -87,18 +107,14 @@ def micro_batches(examples: list[Encoded], batch_size: int, seed: int) -> Iterat
 
 
 def packed_micro_batches(examples: list[Encoded], batch_size: int, max_length: int, seed: int) -> Iterator[list[Row]]:
-    """Endless stream of micro-batches of packed rows; each epoch shuffles the examples, then packs them."""
+    """Endless stream of micro-batches of packed rows; each epoch reshuffles and repacks (:func:`epoch_rows`)."""
     rng = random.Random(seed)
-    order = list(range(len(examples)))
     while True:
-        rng.shuffle(order)
-        rows = pack([examples[j] for j in order], max_length)
+        rows = epoch_rows(examples, max_length, rng)
         for i in range(0, len(rows) - batch_size + 1, batch_size):
             yield rows[i : i + batch_size]
 
 
 def packed_rows_per_epoch(examples: list[Encoded], max_length: int, seed: int) -> int:
-    """How many packed rows one epoch makes (the first epoch's shuffle; later ones differ by a few)."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return len(pack([examples[j] for j in order], max_length))
+    """How many packed rows one epoch makes (the first epoch's; later ones may differ by a row or so)."""
+    return len(epoch_rows(examples, max_length, random.Random(seed)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -15,11 +17,18 @@ from loraflow.ml.attention import (
     set_attention,
     uses_flex,
 )
-from loraflow.ml.batching import collate, collate_packed, pack, packed_micro_batches, packed_rows_per_epoch
+from loraflow.ml.batching import (
+    collate,
+    collate_packed,
+    epoch_rows,
+    pack,
+    packed_micro_batches,
+    packed_rows_per_epoch,
+)
 from loraflow.ml.examples import encode_all
 from loraflow.ml.loss import token_loss_sum
 from loraflow.ml.models import load_quantized, load_tokenizer
-from loraflow.ml.prompts import IGNORE_INDEX
+from loraflow.ml.prompts import IGNORE_INDEX, Encoded
 from loraflow.ml.training import peft_config
 from tests.conftest import tiny_records
 
@@ -30,16 +39,42 @@ def examples(tiny_quantized):
     return encode_all(tok, tiny_records(), 64), tok.pad_token_id
 
 
-def test_pack_keeps_order_and_fills_rows(examples) -> None:
+def test_pack_keeps_every_example_whole_within_the_limit(examples) -> None:
     encoded, _ = examples
     lengths = [len(e.input_ids) for e in encoded]
     limit = max(lengths) + min(lengths)
     rows = pack(encoded, limit)
-    assert [e for row in rows for e in row] == encoded  # whole examples, in order, none lost
+    assert sorted(id(e) for row in rows for e in row) == sorted(id(e) for e in encoded)  # none lost, none twice
     assert all(sum(len(e.input_ids) for e in row) <= limit for row in rows)
     assert len(rows) < len(encoded)  # something was actually packed
-    for row, nxt in zip(rows, rows[1:], strict=False):  # a row closes only when the next example does not fit
-        assert sum(len(e.input_ids) for e in row) + len(nxt[0].input_ids) > limit
+    assert pack(encoded, limit) == rows  # deterministic
+
+
+def _lengths_only(ns: list[int]) -> list[Encoded]:
+    return [Encoded(list(range(n)), list(range(n))) for n in ns]
+
+
+def test_pack_fills_the_gaps_long_examples_leave() -> None:
+    """Best fit decreasing: in-order filling would need 4 rows here (6 | 6 | 6 | 2 2 2), BFD needs 3 full ones."""
+    rows = pack(_lengths_only([6, 2, 6, 2, 6, 2]), 8)
+    assert sorted(sum(len(e.input_ids) for e in row) for row in rows) == [8, 8, 8]
+    # each example goes into the fullest row that still holds it, not the first
+    rows = pack(_lengths_only([5, 4, 3, 1]), 8)  # 5 | 4 ; 3 -> with 5 (fullest that fits) ; 1 -> with 4
+    assert sorted(sorted(len(e.input_ids) for e in row) for row in rows) == [[1, 4], [3, 5]]
+
+
+def test_pack_gives_an_overlong_example_its_own_row() -> None:
+    rows = pack(_lengths_only([10, 3, 3]), 8)
+    assert sorted(sorted(len(e.input_ids) for e in row) for row in rows) == [[3, 3], [10]]
+
+
+def test_epoch_rows_are_shuffled_not_longest_first(examples) -> None:
+    encoded, _ = examples
+    limit = max(len(e.input_ids) for e in encoded)
+    by_length = pack(encoded, limit)
+    epochs = [epoch_rows(encoded, limit, random.Random(0)) for _ in range(2)]
+    assert epochs[0] == epochs[1]  # seeded
+    assert epochs[0] != by_length and sorted(map(id, (e for r in epochs[0] for e in r))) == sorted(map(id, encoded))
 
 
 def test_collate_packed_restarts_positions_and_ignores_boundaries(examples) -> None:
