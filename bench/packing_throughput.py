@@ -170,7 +170,6 @@ def run_mix(variant: str, path: Path, args) -> Result:
 
     from loraflow.ml.attention import resolve_attention, set_attention
     from loraflow.ml.loss import token_loss_sum
-    from loraflow.ml.memory import PROFILES
 
     engine, kind = variant.split(":", 1)
     mode = {"loraflow": args.loraflow_mode, "plain": args.plain_mode, "unsloth": args.unsloth_mode}[engine]
@@ -187,7 +186,8 @@ def run_mix(variant: str, path: Path, args) -> Result:
     encoded = examples(args.examples, args.seq, vocab)
     groups = step_groups(encoded, args.batch, args.seq, steps)
     data = [layout(kind, rows, 0, args.padded_batch) for rows in groups]
-    chunk = PROFILES[mode.split("+")[0]].loss_chunk_tokens if engine == "loraflow" else None
+    profile, *extras = mode.split("+")
+    chunk = tt.loss_chunk(profile, extras) if engine == "loraflow" else None
     if engine != "loraflow":  # the train stage takes host batches and moves them itself (loraflow/ml/loss.py)
         data = [[{k: v.to(device) for k, v in b.items()} for b in micro] for micro in data]
     if cuda:

@@ -30,7 +30,9 @@ every layer on the same random token batches from the same seed:
             `+bnbops` dequantizes through bitsandbytes' operators instead of its kernels directly,
             `+noprefetch` (`lean`) copies each offloaded layer input back only when its layer's
             backward pass starts instead of during the backward pass of the layer after it,
-            `+expandable` runs with PyTorch's expandable_segments allocator setting
+            `+expandable` runs with PyTorch's expandable_segments allocator setting,
+            `+chunkN` computes the output head N labelled tokens at a time instead of the
+            profile's ``loss_chunk_tokens`` (to measure a profile change before making it)
 
 With --gpus N every loraflow variant runs a second time as ``<variant>@ddpN``: the script launches
 torchrun with N ranks itself (``python -m torch.distributed.run --nproc-per-node N --standalone``),
@@ -245,7 +247,6 @@ def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = N
     from loraflow.ml import lora4bit, memory
     from loraflow.ml.lora4bit import fuse_lora_4bit
     from loraflow.ml.loss import token_loss_sum
-    from loraflow.ml.memory import PROFILES
     from loraflow.ml.training import prepare_for_training
 
     profile, *extras = mode.split("+")
@@ -271,7 +272,7 @@ def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = N
         distributed.shard(model, world)
     lora4bit.DIRECT_DEQUANTIZE = "bnbops" not in extras
     memory.PREFETCH = "noprefetch" not in extras
-    chunk = PROFILES[profile].loss_chunk_tokens
+    chunk = loss_chunk(profile, extras)
     autocast = "autocast" in extras  # peft's forward, LoRA in bf16 (with +peft)
 
     def step_loss(b):
@@ -280,6 +281,14 @@ def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = N
         return loss_sum / n
 
     return model, step_loss
+
+
+def loss_chunk(profile: str, extras: list[str]) -> int:
+    """The output head's chunk: the profile's, or N of a ``+chunkN`` extra."""
+    from loraflow.ml.memory import PROFILES
+
+    asked = [int(e.removeprefix("chunk")) for e in extras if e.startswith("chunk") and e[5:].isdigit()]
+    return asked[-1] if asked else PROFILES[profile].loss_chunk_tokens
 
 
 def run_variant(

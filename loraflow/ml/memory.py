@@ -31,7 +31,9 @@ class ProfileSettings:
 PROFILES: dict[str, ProfileSettings] = {
     "fast": ProfileSettings("none", 2048),
     "balanced": ProfileSettings("layer", 2048),
-    "lean": ProfileSettings("layer_offload", 1024),
+    # 512: on the 8B shape's instruction-length mix, 0.4 GB less peak than 1024 at 0.998x the tokens/s
+    # (docs/benchmarks.md, issue 16)
+    "lean": ProfileSettings("layer_offload", 512),
 }
 
 
