@@ -64,7 +64,7 @@ def pack(examples: list[Encoded], max_length: int) -> list[Row]:
     """Rows of at most ``max_length`` tokens, filled with whole examples by best fit decreasing.
 
     The longest example goes first, each into the fullest row it still fits (a new row if none),
-    so short examples fill the gaps that long ones leave: on instruction-length data about 99% of
+    so short examples fill the gaps that long ones leave: on instruction-length data 97-98% of
     each row is real tokens, where filling rows in the given order leaves about 11% padding
     (bench/packing_throughput.py prints the fill). Rows come out longest-example first; callers
     shuffle them (:func:`epoch_rows`). Ties keep the given order, so the result is deterministic.
