@@ -100,6 +100,8 @@ def test_a_renamed_setting_says_what_replaced_it() -> None:
         ("quant.quant_type=int8", "quant.quant_type", "'nf4' or 'fp4'"),
         ("quant.compute_dtype=float64", "quant.compute_dtype", "'bfloat16', 'float16' or 'float32'"),
         ("lora.r=0", "lora.r", "greater than or equal to 1"),
+        ("lora.init=pissa", "lora.init", "'default', 'gaussian', 'loftq' or 'cloq'"),
+        ("lora.calibration_rows=0", "lora.calibration_rows", "greater than or equal to 1"),
         ("data.eval_fraction=0.5", "data.eval_fraction", "less than 0.5"),
         ("registry.model_name=bad name", "registry.model_name", "should match pattern"),
     ],
