@@ -207,6 +207,7 @@ class _InputGrams:
         self.mask: torch.Tensor | None = None  # the current batch's attention mask, set by the caller
         self.grams: dict[str, torch.Tensor] = {}  # layer name -> its Gram matrix (shared tensors)
         self._last: dict[str, tuple[torch.Tensor, str]] = {}  # parent -> (last input, the layer that summed it)
+        self._owner: dict[str, str] = {}  # layer name -> the layer whose sum it uses (itself, or a sibling)
         self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers.items()]
 
     def _hook(self, name: str):
@@ -215,10 +216,13 @@ class _InputGrams:
         def hook(_module: torch.nn.Module, args: tuple) -> None:
             x = args[0]
             last = self._last.get(parent)
-            if last is not None and last[0] is x:  # a sibling already summed this input
-                owner = last[1]
-                if self.grams.setdefault(name, self.grams[owner]) is not self.grams[owner]:
-                    raise RuntimeError(f"{name} shared its input with {owner} in one batch and not in another")
+            owner = last[1] if last is not None and last[0] is x else name  # a sibling summed this input already?
+            if self._owner.setdefault(name, owner) != owner:  # sharing must not change between batches
+                raise RuntimeError(
+                    f"{name} shares its input with {self._owner[name]} in one batch, with {owner} in another"
+                )
+            if owner != name:
+                self.grams[name] = self.grams[owner]
                 return
             assert self.mask is not None
             if x.shape[:-1] != self.mask.shape:

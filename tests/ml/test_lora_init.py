@@ -12,7 +12,15 @@ from safetensors.torch import load_file
 from loraflow.config import LoraConfig
 from loraflow.errors import UsageError
 from loraflow.ml.batching import collate
-from loraflow.ml.lora_init import PREFIX, Calibration, cloq_factors, init_adapter, input_grams, loftq_factors
+from loraflow.ml.lora_init import (
+    PREFIX,
+    Calibration,
+    _InputGrams,
+    cloq_factors,
+    init_adapter,
+    input_grams,
+    loftq_factors,
+)
 from loraflow.ml.models import load_quantized
 from loraflow.ml.prompts import Encoded
 from loraflow.ml.training import prepare_for_training
@@ -183,6 +191,26 @@ def test_input_grams_sum_the_projections_inputs_over_non_pad_tokens_and_share_th
     assert grams[prefix + "mlp.up_proj"] is grams[prefix + "mlp.gate_proj"]
     assert grams[prefix + "self_attn.o_proj"] is not grams[prefix + "self_attn.q_proj"]
     assert grams[prefix + "mlp.down_proj"].shape == (128, 128)  # the tiny model's intermediate size
+
+
+def test_input_grams_refuse_layers_that_share_an_input_in_one_batch_only() -> None:
+    class Parent(torch.nn.Module):  # b reads a's input in the first call, another tensor afterwards
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.calls = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.a(x) + self.b(x if self.calls == 1 else 2 * x)
+
+    parent, x, mask = Parent(), torch.randn(2, 3, 4), torch.ones(2, 3)
+    grams = _InputGrams({"p.a": parent.a, "p.b": parent.b})
+    grams.next_batch(mask)
+    parent(x)
+    assert grams.grams["p.b"] is grams.grams["p.a"]
+    grams.next_batch(mask)
+    with pytest.raises(RuntimeError, match="p.b shares its input with p.a in one batch, with p.b in another"):
+        parent(x)
 
 
 def test_calibration_draws_the_same_training_rows_for_the_same_seed() -> None:
