@@ -141,6 +141,10 @@ class LoraConfig(_Section):
         64, ge=1, description="Training examples whose layer inputs calibrate lora.init='cloq' (seeded draw)."
     )
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that change what training computes: ``calibration_rows`` only with init 'cloq'."""
+        return self.model_dump(mode="json", exclude=None if self.init == "cloq" else {"calibration_rows"})
+
 
 CompileMode = Literal["auto", "on", "off"]
 AttentionMode = Literal["auto", "sdpa", "flex"]

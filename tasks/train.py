@@ -48,7 +48,7 @@ from loraflow.tracking import NULL_TRACKER, EventLog, Tracker
 
 def run_key(base: QuantizedBase, data: ValidatedData, lora: LoraConfig, cfg: TrainConfig) -> str:
     """What makes two trainings the same run: the train split's bytes, the 4-bit base, LoRA and training settings."""
-    parts = [sha256_file(Path(data.train_path)), base.base.digest, base.quant_hash, lora.model_dump(mode="json")]
+    parts = [sha256_file(Path(data.train_path)), base.base.digest, base.quant_hash, lora.identity()]
     return hashlib.sha256(json.dumps([*parts, cfg.identity()], sort_keys=True).encode()).hexdigest()
 
 

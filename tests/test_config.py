@@ -342,3 +342,13 @@ def test_every_setting_has_a_one_line_description() -> None:
         if not f.description or "\n" in f.description or len(f.description) > 120
     ]
     assert problems == []
+
+
+def test_calibration_rows_count_for_what_training_computes_only_with_cloq() -> None:
+    from loraflow.config import LoraConfig
+
+    plain, other_rows = LoraConfig(), LoraConfig(calibration_rows=16)
+    assert plain.identity() == other_rows.identity() and "calibration_rows" not in plain.identity()
+    cloq = LoraConfig(init="cloq")
+    assert cloq.identity()["calibration_rows"] == 64
+    assert cloq.identity() != cloq.model_copy(update={"calibration_rows": 16}).identity()
