@@ -51,7 +51,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from loraflow.config import PipelineConfig, load_config  # noqa: E402
 from loraflow.ml.examples import encode_all, read_jsonl  # noqa: E402
-from loraflow.ml.lora_init import init_adapter  # noqa: E402
+from loraflow.ml.lora_init import Calibration, init_adapter  # noqa: E402
 from loraflow.ml.models import (  # noqa: E402
     load_quantized,
     load_tokenizer,
@@ -126,7 +126,12 @@ def run_variant(
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(cfg.train.seed)
         model = prepare_for_training(load(quantized, True), lora, cfg.train.memory_profile)
-        init_adapter(model, lora, quantized.base.path)
+        init_adapter(
+            model,
+            lora,
+            quantized.base.path,
+            Calibration(examples, tok.pad_token_id, cfg.train.seed, cfg.train.batch_size),
+        )
         start = time.perf_counter()
 
         def on_step(s) -> None:
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--inits",
         nargs="+",
         default=[],
-        choices=["default", "gaussian", "loftq"],
+        choices=["default", "gaussian", "loftq", "cloq"],
         help="also train QLoRA with these lora.init values (rows 'qlora-nf4+<init>')",
     )
     args = ap.parse_args(argv)

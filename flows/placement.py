@@ -32,7 +32,9 @@ def train_on_pool(
     """
     data_settings = config.data.model_dump(mode="json", exclude={"path", "allowed_roots"})
     identity = config.train.identity()
-    key = cache_key("train", data.digest, data_settings, base.base.digest, base.quant_hash, config.lora, identity)
+    key = cache_key(
+        "train", data.digest, data_settings, base.base.digest, base.quant_hash, config.lora.identity(), identity
+    )
     cache = cache_dir_of(run_dir)
     folder = cache / "train" / key[:16]
     if fresh:

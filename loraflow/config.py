@@ -120,7 +120,12 @@ class QuantConfig(_Section):
 
 
 class LoraConfig(_Section):
-    """The LoRA adapter trained on top of the frozen 4-bit base."""
+    """The LoRA adapter trained on top of the frozen 4-bit base.
+
+    ``init`` 'loftq' and 'cloq' start A and B at a rank-r fit of what 4-bit rounding took from the weights
+    (loraflow/ml/lora_init.py): LoftQ fits the weights themselves, CLoQ the layers' outputs on
+    ``calibration_rows`` training examples. Both read the full-precision base; neither changes the 4-bit one.
+    """
 
     r: int = Field(8, ge=1, le=1024, description="Rank of the low-rank update.")
     alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
@@ -128,10 +133,17 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the output head."
     )
-    init: Literal["default", "gaussian", "loftq"] = Field(
+    init: Literal["default", "gaussian", "loftq", "cloq"] = Field(
         "default",
-        description="How A and B start: 'default' (peft's), 'gaussian', or 'loftq' (fits the 4-bit residual).",
+        description="How A and B start: 'default' (peft's), 'gaussian', 'loftq' or 'cloq' (fit the 4-bit residual).",
     )
+    calibration_rows: int = Field(
+        64, ge=1, description="Training examples whose layer inputs calibrate lora.init='cloq' (seeded draw)."
+    )
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change what training computes: ``calibration_rows`` only with init 'cloq'."""
+        return self.model_dump(mode="json", exclude=None if self.init == "cloq" else {"calibration_rows"})
 
 
 CompileMode = Literal["auto", "on", "off"]

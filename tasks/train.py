@@ -39,7 +39,7 @@ from loraflow.hashing import sha256_dir, sha256_file
 from loraflow.ml import checkpoints, distributed
 from loraflow.ml.batching import packed_rows_per_epoch
 from loraflow.ml.examples import encode_all, read_jsonl
-from loraflow.ml.lora_init import init_adapter
+from loraflow.ml.lora_init import Calibration, init_adapter
 from loraflow.ml.models import load_quantized, load_tokenizer
 from loraflow.ml.training import StepInfo, fit, prepare_for_training
 from loraflow.records import Adapter, QuantizedBase, Record, ValidatedData, load_record
@@ -48,7 +48,7 @@ from loraflow.tracking import NULL_TRACKER, EventLog, Tracker
 
 def run_key(base: QuantizedBase, data: ValidatedData, lora: LoraConfig, cfg: TrainConfig) -> str:
     """What makes two trainings the same run: the train split's bytes, the 4-bit base, LoRA and training settings."""
-    parts = [sha256_file(Path(data.train_path)), base.base.digest, base.quant_hash, lora.model_dump(mode="json")]
+    parts = [sha256_file(Path(data.train_path)), base.base.digest, base.quant_hash, lora.identity()]
     return hashlib.sha256(json.dumps([*parts, cfg.identity()], sort_keys=True).encode()).hexdigest()
 
 
@@ -107,8 +107,9 @@ def train(
         else:
             loaded = load_quantized(base.path, trust_remote_code=trust, device=device)
         model = prepare_for_training(loaded, lora, cfg.memory_profile, cfg.compile, device=device)
-        # lora.init; LoftQ reads the full-precision weights (under 'fsdp' on the CPU: the model is in host memory)
-        init_adapter(model, lora, base.base.path)
+        # lora.init; LoftQ and CLoQ read the full-precision weights (under 'fsdp' on the CPU: the model is in
+        # host memory), CLoQ also runs the model over lora.calibration_rows training examples
+        init_adapter(model, lora, base.base.path, Calibration(examples, tok.pad_token_id, cfg.seed, cfg.batch_size))
         if sharded:
             distributed.shard(model, world)
         if world is not None and world.size > 1:  # each rank draws its own dropout masks for its own rows

@@ -100,6 +100,8 @@ def test_a_renamed_setting_says_what_replaced_it() -> None:
         ("quant.quant_type=int8", "quant.quant_type", "'nf4' or 'fp4'"),
         ("quant.compute_dtype=float64", "quant.compute_dtype", "'bfloat16', 'float16' or 'float32'"),
         ("lora.r=0", "lora.r", "greater than or equal to 1"),
+        ("lora.init=pissa", "lora.init", "'default', 'gaussian', 'loftq' or 'cloq'"),
+        ("lora.calibration_rows=0", "lora.calibration_rows", "greater than or equal to 1"),
         ("data.eval_fraction=0.5", "data.eval_fraction", "less than 0.5"),
         ("registry.model_name=bad name", "registry.model_name", "should match pattern"),
     ],
@@ -340,3 +342,13 @@ def test_every_setting_has_a_one_line_description() -> None:
         if not f.description or "\n" in f.description or len(f.description) > 120
     ]
     assert problems == []
+
+
+def test_calibration_rows_count_for_what_training_computes_only_with_cloq() -> None:
+    from loraflow.config import LoraConfig
+
+    plain, other_rows = LoraConfig(), LoraConfig(calibration_rows=16)
+    assert plain.identity() == other_rows.identity() and "calibration_rows" not in plain.identity()
+    cloq = LoraConfig(init="cloq")
+    assert cloq.identity()["calibration_rows"] == 64
+    assert cloq.identity() != cloq.model_copy(update={"calibration_rows": 16}).identity()

@@ -5,6 +5,11 @@
 ``loftq``     LoftQ (Li et al., 2023) with the quantized base kept as it is: A and B start as the
               best rank-r approximation of what quantization took away, W - dequant(Q(W)), so the
               model starts as close to the full-precision weights as rank r allows.
+``cloq``      CLoQ (Deng et al., 2025) with the quantized base kept as it is: A and B start as the
+              rank-r product that best restores each layer's *outputs* on calibration inputs, i.e.
+              minimise ||X (W - dequant(Q(W)) - B A)^T||_F over the inputs X the layer sees on a few
+              training examples, instead of the residual's own norm (LoftQ). Directions of the
+              residual that real inputs excite count; those they never excite do not.
 
 LoftQ here is peft's ``replace_lora_weights_loftq`` (one LoftQ step on an existing bitsandbytes
 model: the quantized weights stay, only A and B change), with two differences: it runs on the CPU
@@ -16,19 +21,33 @@ with several iterations) re-quantizes W - B @ A and so needs a base of its own p
 PiSSA and OLoRA likewise subtract their initial B @ A from the base weights. Neither fits a
 4-bit base shared between adapters, and they are not offered.
 
-All three keep the fused operator (loraflow/ml/lora4bit.py): they only set A and B.
+CLoQ's closed form: with H = X^T X + damping (a small multiple of the identity, so that H is
+positive definite however few tokens there are) and H = L L^T (Cholesky), the error is
+||(dW - B A) L||_F, so B A = SVD_r(dW L) L^-1 (Eckart-Young in the whitened space). X is the input of
+each adapted projection, captured by forward hooks during one no-grad pass of the 4-bit model (adapter
+off) over ``lora.calibration_rows`` training examples drawn with the training seed, non-pad tokens
+only. Projections that read the same tensor (q/k/v, gate/up: the fused operator's groups) share one H.
+The paper quantizes the base itself with the calibration data too (GPTQ-style); here the base is the
+shared one of the quantize stage, and only the LoRA part of the method applies.
+
+Every init keeps the fused operator (loraflow/ml/lora4bit.py): they only set A and B.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraflow.config import LoraConfig
 from loraflow.errors import UsageError
+from loraflow.ml.batching import collate
+from loraflow.ml.prompts import Encoded
 
 PREFIX = "base_model.model."  # peft's prefix before the base model's module names
 
@@ -41,7 +60,7 @@ def _full_precision_weight(folder: Path, name: str, index: dict[str, str] | None
         return f.get_tensor(name)
 
 
-def _weight_index(folder: Path) -> dict[str, str] | None:
+def _weight_index(folder: Path, init: str) -> dict[str, str] | None:
     """Tensor name -> shard file of a sharded checkpoint; None for a single model.safetensors."""
     sharded = folder / "model.safetensors.index.json"
     if sharded.is_file():
@@ -49,10 +68,74 @@ def _weight_index(folder: Path) -> dict[str, str] | None:
     if (folder / "model.safetensors").is_file():
         return None
     raise UsageError(
-        f"lora.init=loftq needs the full-precision base as safetensors, and {folder} has none "
+        f"lora.init={init} needs the full-precision base as safetensors, and {folder} has none "
         "(model.safetensors or model.safetensors.index.json): point base_model.path at such a folder, "
         "or set lora.init=default"
     )
+
+
+# CLoQ's damping, as a share of the mean diagonal of X^T X (GPTQ's percdamp): keeps H positive definite
+# when the calibration tokens span fewer dimensions than the layer's input, and barely moves the optimum.
+DAMPING = 0.01
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Training examples that a calibrated init (``cloq``) draws its rows from.
+
+    Attributes:
+        examples: the encoded training split (never held-out rows).
+        pad_id: the tokenizer's padding id, for collating.
+        seed: which rows are drawn (the training seed: same seed, same rows).
+        batch_size: rows per no-grad forward pass.
+    """
+
+    examples: Sequence[Encoded]
+    pad_id: int
+    seed: int
+    batch_size: int = 8
+
+    def rows(self, n: int) -> list[Encoded]:
+        """``n`` examples (all of them if there are fewer) drawn without replacement with ``seed``."""
+        picked = random.Random(self.seed).sample(range(len(self.examples)), min(n, len(self.examples)))
+        return [self.examples[i] for i in picked]
+
+
+def _residuals(
+    model: torch.nn.Module, full_precision: str | Path, init: str
+) -> Iterator[tuple[str, torch.nn.Module, str, torch.Tensor, torch.Tensor]]:
+    """(name, peft layer, adapter, full-precision weight, dequantized 4-bit weight) of every LoRA layer on a
+    bitsandbytes ``Linear4bit``, the weights in float32 on the layer's device; refuses a model with none."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    folder = Path(full_precision)
+    index = _weight_index(folder, init)
+    n = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLinear4bit):
+            continue
+        (adapter,) = module.lora_A  # one adapter: the train stage creates exactly one
+        weight = module.base_layer.weight
+        state = copy.copy(weight.quant_state)
+        state.dtype = torch.float32  # dequantize at full precision, as merge does
+        dequantized = bnb.functional.dequantize_4bit(weight.data, state)
+        original = _full_precision_weight(folder, name.removeprefix(PREFIX) + ".weight", index)
+        if original.shape != dequantized.shape:
+            raise UsageError(
+                f"lora.init={init}: {name} is {tuple(dequantized.shape)} in the 4-bit base but "
+                f"{tuple(original.shape)} in {folder}: the full-precision folder is not the one it was quantized from"
+            )
+        yield name, module, adapter, original.to(dequantized.device, torch.float32), dequantized
+        n += 1
+    if n == 0:
+        raise UsageError(f"lora.init={init} applies to LoRA layers on a 4-bit base, and this model has none")
+
+
+def _set_factors(module: torch.nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    lora_a.copy_(a.to(lora_a.dtype))
+    lora_b.copy_(b.to(lora_b.dtype))
 
 
 @torch.no_grad()
@@ -76,33 +159,151 @@ def loftq_init(model: torch.nn.Module, full_precision: str | Path) -> int:
 
     Returns the number of layers initialised.
     """
-    import bitsandbytes as bnb
+    n = 0
+    for _, module, adapter, original, dequantized in _residuals(model, full_precision, "loftq"):
+        a, b = loftq_factors(original, dequantized, module.r[adapter], module.scaling[adapter])
+        _set_factors(module, adapter, a, b)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def cloq_factors(
+    weight: torch.Tensor,
+    dequantized: torch.Tensor,
+    gram: torch.Tensor,
+    r: int,
+    scaling: float,
+    damping: float = DAMPING,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r x in) and B (out x r) with ``scaling * B @ A`` the rank-r matrix closest to the residual
+    ``weight - dequantized`` in the output space of inputs with Gram matrix ``gram`` (X^T X, in x in):
+    the minimiser of ||X (weight - dequantized - scaling * B @ A)^T||_F, with ``damping * mean(diag(gram))``
+    added to the diagonal of the Gram matrix first (0: none; the Gram matrix must then be positive definite).
+    In float32.
+    """
+    residual = weight.to(torch.float32) - dequantized.to(torch.float32)
+    h = gram.to(torch.float32)
+    h = h + damping * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    chol, info = torch.linalg.cholesky_ex(h)  # h = L L^T: the error is ||(residual - BA) L||_F
+    if info.item() != 0:
+        raise UsageError(
+            "lora.init=cloq: a layer's input Gram matrix is not positive definite (its calibration inputs are "
+            "all zero or not finite): raise lora.calibration_rows, or set lora.init=loftq"
+        )
+    u, s, vh = torch.linalg.svd(residual @ chol, full_matrices=False)
+    directions = torch.linalg.solve_triangular(chol, vh[:r], upper=False, left=False)  # V_r^T L^-1
+    root = (s[:r] / scaling).sqrt()
+    return root[:, None] * directions, u[:, :r] * root[None, :]
+
+
+class _InputGrams:
+    """Forward pre-hooks that sum X^T X (float32) of each hooked layer's input over the non-pad tokens.
+
+    Layers of one parent called on the very same tensor one after the other (q/k/v, gate/up) share one sum.
+    """
+
+    def __init__(self, layers: dict[str, torch.nn.Module]) -> None:
+        self.mask: torch.Tensor | None = None  # the current batch's attention mask, set by the caller
+        self.grams: dict[str, torch.Tensor] = {}  # layer name -> its Gram matrix (shared tensors)
+        self._last: dict[str, tuple[torch.Tensor, str]] = {}  # parent -> (last input, the layer that summed it)
+        self._owner: dict[str, str] = {}  # layer name -> the layer whose sum it uses (itself, or a sibling)
+        self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers.items()]
+
+    def _hook(self, name: str):
+        parent = name.rpartition(".")[0]
+
+        def hook(_module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            last = self._last.get(parent)
+            owner = last[1] if last is not None and last[0] is x else name  # a sibling summed this input already?
+            if self._owner.setdefault(name, owner) != owner:  # sharing must not change between batches
+                raise RuntimeError(
+                    f"{name} shares its input with {self._owner[name]} in one batch, with {owner} in another"
+                )
+            if owner != name:
+                self.grams[name] = self.grams[owner]
+                return
+            assert self.mask is not None
+            if x.shape[:-1] != self.mask.shape:
+                raise RuntimeError(f"{name}'s input {tuple(x.shape)} does not match the batch {tuple(self.mask.shape)}")
+            tokens = x[self.mask.to(device=x.device, dtype=torch.bool)].to(torch.float32)
+            if name not in self.grams:
+                self.grams[name] = tokens.new_zeros(tokens.shape[1], tokens.shape[1])
+            self.grams[name].addmm_(tokens.t(), tokens)
+            self._last[parent] = (x, name)
+
+        return hook
+
+    def next_batch(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self._last.clear()  # drops the previous batch's inputs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last.clear()
+
+
+@torch.no_grad()
+def input_grams(
+    model: torch.nn.Module, rows: Sequence[Encoded], pad_id: int, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """X^T X of the input of every LoRA layer on a 4-bit weight over the non-pad tokens of ``rows``.
+
+    One no-grad pass of the model in eval mode with the adapter switched off (the 4-bit base alone, what
+    the init corrects); the model's training mode is restored. Layers that read one tensor (q/k/v,
+    gate/up) get the same Gram tensor. Keys are the peft model's module names.
+
+    All of them are held at once, in float32 on the model's device: per Llama decoder layer three of
+    hidden x hidden (the inputs of q/k/v, o and gate/up) and one of intermediate x intermediate (down's),
+    13 MB for SmolLM2-135M (0.4 GB in all) and 1 GB for an 8B model (32 GB in all).
+    """
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    folder = Path(full_precision)
-    index = _weight_index(folder)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
+    grams = _InputGrams(layers)
+    training = model.training
+    device = next(p.device for p in model.parameters())
+    model.eval()
+    try:
+        with model.disable_adapter():
+            for start in range(0, len(rows), batch_size):
+                batch = collate(list(rows[start : start + batch_size]), pad_id)
+                grams.next_batch(batch["attention_mask"])
+                model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False,
+                )
+    finally:
+        grams.remove()
+        model.train(training)
+    return grams.grams
+
+
+@torch.no_grad()
+def cloq_init(model: torch.nn.Module, full_precision: str | Path, calibration: Calibration, rows: int) -> int:
+    """Set A and B of every LoRA layer on a 4-bit weight to CLoQ's calibrated fit of the quantization residual.
+
+    Args:
+        model: a peft model whose LoRA layers wrap bitsandbytes ``Linear4bit`` layers (one adapter).
+        full_precision: the folder of the weights the 4-bit base was quantized from
+            (``QuantizedBase.base.path``).
+        calibration: the training examples to draw the calibration rows from.
+        rows: how many to draw (``lora.calibration_rows``).
+
+    Returns the number of layers initialised.
+    """
+    grams = input_grams(model, calibration.rows(rows), calibration.pad_id, calibration.batch_size)
     n = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLinear4bit):
-            continue
-        (adapter,) = module.lora_A  # one adapter: the train stage creates exactly one
-        weight = module.base_layer.weight
-        state = copy.copy(weight.quant_state)
-        state.dtype = torch.float32  # dequantize at full precision, as merge does
-        dequantized = bnb.functional.dequantize_4bit(weight.data, state)
-        original = _full_precision_weight(folder, name.removeprefix(PREFIX) + ".weight", index)
-        if original.shape != dequantized.shape:
-            raise UsageError(
-                f"lora.init=loftq: {name} is {tuple(dequantized.shape)} in the 4-bit base but "
-                f"{tuple(original.shape)} in {folder}: the full-precision folder is not the one it was quantized from"
-            )
-        a, b = loftq_factors(original.to(dequantized.device), dequantized, module.r[adapter], module.scaling[adapter])
-        lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-        lora_a.copy_(a.to(lora_a.dtype))
-        lora_b.copy_(b.to(lora_b.dtype))
+    for name, module, adapter, original, dequantized in _residuals(model, full_precision, "cloq"):
+        if name not in grams:
+            raise UsageError(f"lora.init=cloq: {name} saw no input in the calibration pass, so it cannot be calibrated")
+        gram = grams[name].to(dequantized.device)
+        a, b = cloq_factors(original, dequantized, gram, module.r[adapter], module.scaling[adapter])
+        _set_factors(module, adapter, a, b)
         n += 1
-    if n == 0:
-        raise UsageError("lora.init=loftq applies to LoRA layers on a 4-bit base, and this model has none")
     return n
 
 
@@ -120,8 +321,18 @@ def gaussian_init(model: torch.nn.Module) -> int:
     return n
 
 
-def init_adapter(model: torch.nn.Module, lora: LoraConfig, full_precision: str | Path) -> int:
-    """Apply ``lora.init`` to a model fresh from ``get_peft_model`` (peft's default init); returns layers changed."""
+def init_adapter(
+    model: torch.nn.Module, lora: LoraConfig, full_precision: str | Path, calibration: Calibration | None = None
+) -> int:
+    """Apply ``lora.init`` to a model fresh from ``get_peft_model`` (peft's default init); returns layers changed.
+
+    ``cloq`` needs ``calibration`` (the training examples to draw ``lora.calibration_rows`` from); the
+    others ignore it.
+    """
+    if lora.init == "cloq":
+        if calibration is None:
+            raise UsageError("lora.init=cloq needs calibration examples from the training split, and none were given")
+        return cloq_init(model, full_precision, calibration, lora.calibration_rows)
     if lora.init == "loftq":
         return loftq_init(model, full_precision)
     if lora.init == "gaussian":

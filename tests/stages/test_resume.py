@@ -115,6 +115,20 @@ def test_bookkeeping_settings_keep_the_run_key(trained, tiny_quantized, tiny_dat
     assert [c.step for c in checkpoints.complete(folder)] == [12]  # 3, 6, 9, 12 written after 10; one kept
 
 
+def test_calibration_rows_keep_the_run_key_of_an_uncalibrated_init(
+    trained, tiny_quantized, tiny_data, tmp_path
+) -> None:
+    """lora.calibration_rows only matters to lora.init='cloq': with peft's init it is the same run."""
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(Path(trained.checkpoints[0]).parent, folder)
+    lora = LORA.model_copy(update={"calibration_rows": 7})
+    resumed = train(tiny_quantized, tiny_data, lora, TRAIN, tmp_path / "run", checkpoint_dir=folder)
+    assert loss_curve(resumed) == loss_curve(trained)
+    with pytest.raises(UsageError, match="belongs to another run"):
+        cloq = lora.model_copy(update={"init": "cloq"})
+        train(tiny_quantized, tiny_data, cloq, TRAIN, tmp_path / "cloq", checkpoint_dir=folder)
+
+
 def test_half_written_checkpoints_are_ignored_and_cleaned(trained, tmp_path) -> None:
     folder = tmp_path / "checkpoints"
     shutil.copytree(Path(trained.checkpoints[0]).parent, folder)

@@ -137,6 +137,38 @@ def test_equivalent_settings_give_the_same_curve(trained, tiny_quantized, tiny_d
     assert loss_curve(other) == pytest.approx(loss_curve(trained)[:5], rel=rel)
 
 
+class _Params:
+    """A tracker that keeps the params it is given."""
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+
+    def log_params(self, params: dict) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
+
+
+def test_cloq_init_is_calibrated_on_training_rows_deterministically_and_recorded(
+    trained, tiny_quantized, tiny_data, tmp_path
+) -> None:
+    lora = LORA.model_copy(update={"init": "cloq", "calibration_rows": 5})
+    cfg = TRAIN.model_copy(update={"max_steps": 3, "checkpoint_every": None})
+    tracker, rng = _Params(), torch.get_rng_state()
+    cloq = train(tiny_quantized, tiny_data, lora, cfg, tmp_path / "cloq", tracker)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert tracker.params["lora"]["init"] == "cloq" and tracker.params["lora"]["calibration_rows"] == 5
+    assert loss_curve(train(tiny_quantized, tiny_data, lora, cfg, tmp_path / "again")) == loss_curve(cloq)
+    assert loss_curve(cloq)[0] != loss_curve(trained)[0]  # same batches, another start: B @ A is not zero
+
+
 def test_packed_training_fills_rows_with_real_tokens(trained, tiny_quantized, tiny_data, tmp_path) -> None:
     """With packing, a step of 3 rows of at most 64 tokens holds two ~25-token examples a row: more real
     tokens than a step of 4 padded examples, and the loss still falls."""
