@@ -245,6 +245,26 @@ class _InputGrams:
         self._last.clear()
 
 
+def gram_bytes(layers: dict[str, torch.nn.Module]) -> int:
+    """What the Gram matrices of ``layers`` take at most (float32, in x in each; inputs that siblings share
+    are counted once per sibling, so this is an upper bound)."""
+    return sum(4 * m.in_features**2 for m in layers.values())
+
+
+def _check_gram_memory(layers: dict[str, torch.nn.Module], device: torch.device) -> None:
+    """Refuse before the calibration pass when its Gram matrices cannot fit the GPU's free memory."""
+    if device.type != "cuda":
+        return
+    need, (free, _) = gram_bytes(layers), torch.cuda.mem_get_info(device)
+    if need > free:
+        raise UsageError(
+            f"lora.init=cloq keeps one float32 input Gram matrix per adapted projection on the GPU while it "
+            f"calibrates: up to {need / 1e9:.1f} GB here, and {free / 1e9:.1f} GB is free on {device}. "
+            "Use lora.init=loftq (no calibration pass), adapt fewer projections (lora.target_modules), or train "
+            "on a GPU with more memory"
+        )
+
+
 @torch.no_grad()
 def input_grams(
     model: torch.nn.Module, rows: Sequence[Encoded], pad_id: int, batch_size: int
@@ -262,9 +282,10 @@ def input_grams(
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
+    device = next(p.device for p in model.parameters())
+    _check_gram_memory(layers, device)
     grams = _InputGrams(layers)
     training = model.training
-    device = next(p.device for p in model.parameters())
     model.eval()
     try:
         with model.disable_adapter():

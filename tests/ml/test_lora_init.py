@@ -15,8 +15,10 @@ from loraflow.ml.batching import collate
 from loraflow.ml.lora_init import (
     PREFIX,
     Calibration,
+    _check_gram_memory,
     _InputGrams,
     cloq_factors,
+    gram_bytes,
     init_adapter,
     input_grams,
     loftq_factors,
@@ -292,3 +294,15 @@ def test_cloq_fits_the_layer_outputs_better_than_loftq_and_needs_calibration(tin
     assert sum(errors["cloq"].values()) < 0.95 * sum(errors["loftq"].values())
     with pytest.raises(UsageError, match="needs calibration examples"):
         init_adapter(models["default"], LoraConfig(init="cloq"), tiny_quantized.base.path)
+
+
+def test_cloq_refuses_early_when_its_gram_matrices_cannot_fit_the_gpu(monkeypatch) -> None:
+    """The calibration pass's memory is checked before it starts; a CPU model is never refused."""
+    layers = {f"layers.{i}.proj": torch.nn.Linear(1000, 10) for i in range(3)}
+    assert gram_bytes(layers) == 3 * 4 * 1000**2
+    _check_gram_memory(layers, torch.device("cpu"))  # host memory: no GPU figure to check against
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000_000, 80_000_000_000))
+    with pytest.raises(UsageError, match=r"up to 0\.0 GB here, and 0\.0 GB is free.*lora\.init=loftq"):
+        _check_gram_memory(layers, torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (13_000_000, 80_000_000_000))
+    _check_gram_memory(layers, torch.device("cuda", 0))  # 12 MB needed, 13 MB free
