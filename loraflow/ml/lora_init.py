@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,10 +102,11 @@ class Calibration:
 
 
 def _residuals(
-    model: torch.nn.Module, full_precision: str | Path, init: str
+    model: torch.nn.Module, full_precision: str | Path, init: str, names: Collection[str] | None = None
 ) -> Iterator[tuple[str, torch.nn.Module, str, torch.Tensor, torch.Tensor]]:
     """(name, peft layer, adapter, full-precision weight, dequantized 4-bit weight) of every LoRA layer on a
-    bitsandbytes ``Linear4bit``, the weights in float32 on the layer's device; refuses a model with none."""
+    bitsandbytes ``Linear4bit`` (of those in ``names``, if given), the weights in float32 on the layer's
+    device; refuses a model with none."""
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
@@ -113,7 +114,7 @@ def _residuals(
     index = _weight_index(folder, init)
     n = 0
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLinear4bit):
+        if not isinstance(module, LoraLinear4bit) or (names is not None and name not in names):
             continue
         (adapter,) = module.lora_A  # one adapter: the train stage creates exactly one
         weight = module.base_layer.weight
@@ -251,39 +252,83 @@ def gram_bytes(layers: dict[str, torch.nn.Module]) -> int:
     return sum(4 * m.in_features**2 for m in layers.values())
 
 
-def _check_gram_memory(layers: dict[str, torch.nn.Module], device: torch.device) -> None:
-    """Refuse before the calibration pass when its Gram matrices cannot fit the GPU's free memory."""
+# Gram matrices per calibration pass on the CPU (on a GPU: half its free memory)
+HOST_GRAM_BUDGET = 4 * 2**30
+
+
+def _by_parent(layers: dict[str, torch.nn.Module]) -> list[list[str]]:
+    """The layer names grouped by their parent module, in model order: siblings that may share an input."""
+    parents: dict[str, list[str]] = {}
+    for name in layers:
+        parents.setdefault(name.rpartition(".")[0], []).append(name)
+    return list(parents.values())
+
+
+def gram_passes(layers: dict[str, torch.nn.Module], budget: int) -> list[list[str]]:
+    """The layers split into calibration passes whose Gram matrices take at most ``budget`` bytes each
+    (:func:`gram_bytes`), siblings always in one pass; a parent larger than the budget gets a pass alone."""
+    passes: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for siblings in _by_parent(layers):
+        need = gram_bytes({n: layers[n] for n in siblings})
+        if current and used + need > budget:
+            passes.append(current)
+            current, used = [], 0
+        current += siblings
+        used += need
+    if current:
+        passes.append(current)
+    return passes
+
+
+def gram_budget(layers: dict[str, torch.nn.Module], device: torch.device) -> int:
+    """Bytes of Gram matrices one calibration pass may hold: ``HOST_GRAM_BUDGET`` on the CPU, half the
+    GPU's free memory on a GPU (the forward pass needs the rest); refuses when one module's layers
+    cannot fit even alone."""
     if device.type != "cuda":
-        return
-    need, (free, _) = gram_bytes(layers), torch.cuda.mem_get_info(device)
-    if need > free:
+        return HOST_GRAM_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = free // 2
+    largest = max((gram_bytes({n: layers[n] for n in siblings}) for siblings in _by_parent(layers)), default=0)
+    if largest > budget:
         raise UsageError(
-            f"lora.init=cloq keeps one float32 input Gram matrix per adapted projection on the GPU while it "
-            f"calibrates: up to {need / 1e9:.1f} GB here, and {free / 1e9:.1f} GB is free on {device}. "
-            "Use lora.init=loftq (no calibration pass), adapt fewer projections (lora.target_modules), or train "
-            "on a GPU with more memory"
+            f"lora.init=cloq calibrates one module's projections at a time, and the largest needs up to "
+            f"{largest / 1e9:.2f} GB of float32 Gram matrices, more than half of the {free / 1e9:.2f} GB free on "
+            f"{device}. Use lora.init=loftq (no calibration pass), adapt fewer projections (lora.target_modules), "
+            "or train on a GPU with more memory"
         )
+    return budget
 
 
 @torch.no_grad()
 def input_grams(
-    model: torch.nn.Module, rows: Sequence[Encoded], pad_id: int, batch_size: int
+    model: torch.nn.Module,
+    rows: Sequence[Encoded],
+    pad_id: int,
+    batch_size: int,
+    names: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """X^T X of the input of every LoRA layer on a 4-bit weight over the non-pad tokens of ``rows``.
+    """X^T X of the input of every LoRA layer on a 4-bit weight (of those in ``names``, if given) over the
+    non-pad tokens of ``rows``.
 
     One no-grad pass of the model in eval mode with the adapter switched off (the 4-bit base alone, what
     the init corrects); the model's training mode is restored. Layers that read one tensor (q/k/v,
     gate/up) get the same Gram tensor. Keys are the peft model's module names.
 
-    All of them are held at once, in float32 on the model's device: per Llama decoder layer three of
-    hidden x hidden (the inputs of q/k/v, o and gate/up) and one of intermediate x intermediate (down's),
-    13 MB for SmolLM2-135M (0.4 GB in all) and 1 GB for an 8B model (32 GB in all).
+    The Gram matrices are float32 on the model's device: per Llama decoder layer three of hidden x hidden
+    (the inputs of q/k/v, o and gate/up) and one of intermediate x intermediate (down's), 13 MB for
+    SmolLM2-135M (0.4 GB in all) and 1 GB for an 8B model (32 GB in all); :func:`cloq_init` takes them
+    in passes that fit (:func:`gram_passes`).
     """
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
+    layers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLinear4bit) and (names is None or name in names)
+    }
     device = next(p.device for p in model.parameters())
-    _check_gram_memory(layers, device)
     grams = _InputGrams(layers)
     training = model.training
     model.eval()
@@ -314,17 +359,32 @@ def cloq_init(model: torch.nn.Module, full_precision: str | Path, calibration: C
         calibration: the training examples to draw the calibration rows from.
         rows: how many to draw (``lora.calibration_rows``).
 
+    The layers are calibrated in as many passes over the rows as their Gram matrices need to fit
+    (:func:`gram_budget`, :func:`gram_passes`): one for the demo model, several for an 8B model on a
+    GPU with little free memory. Every pass sees the same inputs, so the result does not depend on it.
+
     Returns the number of layers initialised.
     """
-    grams = input_grams(model, calibration.rows(rows), calibration.pad_id, calibration.batch_size)
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
+    if not layers:
+        raise UsageError("lora.init=cloq applies to LoRA layers on a 4-bit base, and this model has none")
+    device = next(p.device for p in model.parameters())
+    picked = calibration.rows(rows)
     n = 0
-    for name, module, adapter, original, dequantized in _residuals(model, full_precision, "cloq"):
-        if name not in grams:
-            raise UsageError(f"lora.init=cloq: {name} saw no input in the calibration pass, so it cannot be calibrated")
-        gram = grams[name].to(dequantized.device)
-        a, b = cloq_factors(original, dequantized, gram, module.r[adapter], module.scaling[adapter])
-        _set_factors(module, adapter, a, b)
-        n += 1
+    for names in gram_passes(layers, gram_budget(layers, device)):
+        grams = input_grams(model, picked, calibration.pad_id, calibration.batch_size, names)
+        for name, module, adapter, original, dequantized in _residuals(model, full_precision, "cloq", names):
+            if name not in grams:
+                raise UsageError(
+                    f"lora.init=cloq: {name} saw no input in the calibration pass, so it cannot be calibrated"
+                )
+            gram = grams.pop(name).to(dequantized.device)
+            a, b = cloq_factors(original, dequantized, gram, module.r[adapter], module.scaling[adapter])
+            _set_factors(module, adapter, a, b)
+            n += 1
+        del grams
     return n
 
 

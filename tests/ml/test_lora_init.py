@@ -11,14 +11,17 @@ from safetensors.torch import load_file
 
 from loraflow.config import LoraConfig
 from loraflow.errors import UsageError
+from loraflow.ml import lora_init
 from loraflow.ml.batching import collate
 from loraflow.ml.lora_init import (
+    HOST_GRAM_BUDGET,
     PREFIX,
     Calibration,
-    _check_gram_memory,
     _InputGrams,
     cloq_factors,
+    gram_budget,
     gram_bytes,
+    gram_passes,
     init_adapter,
     input_grams,
     loftq_factors,
@@ -296,13 +299,43 @@ def test_cloq_fits_the_layer_outputs_better_than_loftq_and_needs_calibration(tin
         init_adapter(models["default"], LoraConfig(init="cloq"), tiny_quantized.base.path)
 
 
-def test_cloq_refuses_early_when_its_gram_matrices_cannot_fit_the_gpu(monkeypatch) -> None:
-    """The calibration pass's memory is checked before it starts; a CPU model is never refused."""
-    layers = {f"layers.{i}.proj": torch.nn.Linear(1000, 10) for i in range(3)}
-    assert gram_bytes(layers) == 3 * 4 * 1000**2
-    _check_gram_memory(layers, torch.device("cpu"))  # host memory: no GPU figure to check against
+def test_gram_passes_keep_siblings_together_within_the_budget() -> None:
+    layers = {
+        f"layers.{i}.{part}.{proj}": torch.nn.Linear(width, 4)
+        for i in range(3)
+        for part, projs, width in (("attn", ("q", "k", "v"), 100), ("mlp", ("down",), 300))
+        for proj in projs
+    }
+    attn, mlp = 3 * 4 * 100**2, 4 * 300**2  # bytes of one module's Gram matrices (upper bound)
+    assert gram_bytes(layers) == 3 * (attn + mlp)
+    assert gram_passes(layers, gram_bytes(layers)) == [list(layers)]  # everything fits: one pass
+    passes = gram_passes(layers, attn + mlp)
+    assert passes == [[n for n in layers if n.startswith(f"layers.{i}.")] for i in range(3)]
+    one_each = gram_passes(layers, 1)  # smaller than any module: each module alone, its siblings together
+    assert [sorted({n.rpartition(".")[0] for n in p}) for p in one_each] == [[m] for m in dict.fromkeys(
+        n.rpartition(".")[0] for n in layers)]  # fmt: skip
+    assert [n for p in one_each for n in p] == list(layers)
+
+
+def test_gram_budget_is_fixed_on_the_cpu_and_refuses_a_module_too_large_for_the_gpu(monkeypatch) -> None:
+    layers = {f"layers.0.mlp.{p}": torch.nn.Linear(1000, 10) for p in ("gate", "up")}  # 8 MB of Gram matrices
+    assert gram_budget(layers, torch.device("cpu")) == HOST_GRAM_BUDGET
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20_000_000, 80_000_000_000))
+    assert gram_budget(layers, torch.device("cuda", 0)) == 10_000_000  # half of what is free
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000_000, 80_000_000_000))
-    with pytest.raises(UsageError, match=r"up to 0\.0 GB here, and 0\.0 GB is free.*lora\.init=loftq"):
-        _check_gram_memory(layers, torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (13_000_000, 80_000_000_000))
-    _check_gram_memory(layers, torch.device("cuda", 0))  # 12 MB needed, 13 MB free
+    with pytest.raises(UsageError, match=r"up to 0\.01 GB .* 0\.01 GB free on cuda:0.*lora\.init=loftq"):
+        gram_budget(layers, torch.device("cuda", 0))
+
+
+def test_cloq_in_many_passes_sets_what_one_pass_sets(tiny_quantized, tok, monkeypatch) -> None:
+    one = _cloq(tiny_quantized, tok)
+    monkeypatch.setattr(lora_init, "HOST_GRAM_BUDGET", 1)  # one module per pass
+    calls = []
+    real = lora_init.input_grams
+    monkeypatch.setattr(lora_init, "input_grams", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    many = _cloq(tiny_quantized, tok)
+    assert len(calls) > 2 and all(c for c in calls)  # several passes, each over a subset of the layers
+    trained = {n: p for n, p in one.named_parameters() if p.requires_grad}
+    for name, p in many.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, trained[name], atol=0, rtol=0)
