@@ -101,6 +101,17 @@ class Calibration:
         return [self.examples[i] for i in picked]
 
 
+def lora_4bit_layers(model: torch.nn.Module, names: Collection[str] | None = None) -> dict[str, torch.nn.Module]:
+    """The peft LoRA layers on bitsandbytes ``Linear4bit`` weights (those in ``names``, if given), in model order."""
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLinear4bit) and (names is None or name in names)
+    }
+
+
 def _residuals(
     model: torch.nn.Module, full_precision: str | Path, init: str, names: Collection[str] | None = None
 ) -> Iterator[tuple[str, torch.nn.Module, str, torch.Tensor, torch.Tensor]]:
@@ -108,14 +119,11 @@ def _residuals(
     bitsandbytes ``Linear4bit`` (of those in ``names``, if given), the weights in float32 on the layer's
     device; refuses a model with none."""
     import bitsandbytes as bnb
-    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     folder = Path(full_precision)
     index = _weight_index(folder, init)
     n = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLinear4bit) or (names is not None and name not in names):
-            continue
+    for name, module in lora_4bit_layers(model, names).items():
         (adapter,) = module.lora_A  # one adapter: the train stage creates exactly one
         weight = module.base_layer.weight
         state = copy.copy(weight.quant_state)
@@ -321,13 +329,7 @@ def input_grams(
     SmolLM2-135M (0.4 GB in all) and 1 GB for an 8B model (32 GB in all); :func:`cloq_init` takes them
     in passes that fit (:func:`gram_passes`).
     """
-    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-
-    layers = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, LoraLinear4bit) and (names is None or name in names)
-    }
+    layers = lora_4bit_layers(model, names)
     device = next(p.device for p in model.parameters())
     grams = _InputGrams(layers)
     training = model.training
@@ -365,9 +367,7 @@ def cloq_init(model: torch.nn.Module, full_precision: str | Path, calibration: C
 
     Returns the number of layers initialised.
     """
-    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
+    layers = lora_4bit_layers(model)
     if not layers:
         raise UsageError("lora.init=cloq applies to LoRA layers on a 4-bit base, and this model has none")
     device = next(p.device for p in model.parameters())
