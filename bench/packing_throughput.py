@@ -46,9 +46,21 @@ layout computes the same function, so a difference beyond ``LOSS_TOLERANCE`` mea
 lets examples see each other or drops tokens, and is marked in the table.
 
 With --long-context, each of --long-variants trains one sequence of each --lengths tokens (all
-labelled, random ids) in a process of its own, in increasing order until it runs out of memory
-or passes the largest budget, and reports tokens/s at each length and the longest length whose
-peak reserved memory fits each --budgets GB.
+labelled, random ids) in a process of its own, in increasing order, under a hard cap of each
+--budgets GB in turn (``torch.cuda.set_per_process_memory_fraction``: the caching allocator may hold
+no more, as on a card of that size; GB are 10^9 bytes, and the CUDA context is not counted), until a
+length runs out of memory under the cap; the next budget goes on from that length. A length that
+does not finish within --length-timeout seconds ends the variant's sweep. It reports tokens/s at 8K,
+16K and 32K and the longest length that trained within each budget.
+
+With --emulate-layers L on a shape of fewer layers (``8b-4l``: four layers of the 8B shape), each
+process first allocates a ballast of what the missing layers would hold on the GPU (their 4-bit
+weights as the checkpoint stores them, and LoRA r=16 on all seven projections with its gradient and
+two AdamW moments, 16 bytes a parameter), so that a cap of B GB leaves what it would leave the full
+model. This stands for the full model only where a system keeps one layer's activations on the GPU
+at a time (layer inputs offloaded to host memory, as ``lean`` and Unsloth's offloaded checkpointing
+do); it reaches lengths whose full-model step would not finish in a device call, and whose offloaded
+layer inputs (L x tokens x hidden x 2 bytes) the host's memory may not hold.
 """
 
 from __future__ import annotations
@@ -229,8 +241,35 @@ def run_long(variant: str, path: Path, args) -> Result:
     return r
 
 
+def ballast_gb(model: Path, shape: str, layers: int) -> float:
+    """What the ``layers - shape's layers`` missing decoder layers would hold on the GPU (see the docstring)."""
+    import struct
+
+    hidden, inter, have, heads, kv, _ = tt.SHAPES[shape]
+    weights = 0
+    for f in model.glob("*.safetensors"):
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        weights += sum(
+            v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k.startswith("model.layers.")
+        )
+    kv_out = kv * hidden // heads
+    dims = [(hidden, hidden), (hidden, kv_out), (hidden, kv_out), (hidden, hidden)] + [(hidden, inter)] * 2
+    lora = 16 * sum(in_ + out for in_, out in [*dims, (inter, hidden)])  # r=16 on the seven projections
+    per_layer = weights / have + 16 * lora  # 16 bytes a LoRA parameter: fp32 weight, gradient, 2 moments
+    return max(0, layers - have) * per_layer / 1e9
+
+
 def worker(args: argparse.Namespace) -> None:
     engine = args.variant.split(":", 1)[0]
+    import torch
+
+    if torch.cuda.is_available() and args.cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / total))
+    ballast = None
+    if torch.cuda.is_available() and args.ballast_gb:  # on the CPU, nothing to cap: no ballast either
+        ballast = torch.empty(int(args.ballast_gb * 1e9), dtype=torch.uint8, device="cuda")
     try:
         if engine == "unsloth":
             import importlib.util
@@ -261,24 +300,34 @@ def worker(args: argparse.Namespace) -> None:
 
             traceback.print_exc()
         result = Result(args.variant, args.seq if args.variant.endswith(":long") else args.batch, error=error[:300])
+    del ballast  # counted in the peak: the emulated model's memory
+    result.cap_gb = args.cap_gb or None
     args.out.write_text(json.dumps(asdict(result)))
 
 
-def spawn(variant: str, model: Path, args, tmp: Path, seq: int | None = None) -> Result:
+def spawn(
+    variant: str, model: Path, args, tmp: Path, seq: int | None = None, cap: float = 0.0, ballast: float = 0.0
+) -> Result:
     seq = seq or args.seq
-    out = tmp / f"{variant.replace(':', '-').replace('+', '_')}-{seq}.json"
+    out = tmp / f"{variant.replace(':', '-').replace('+', '_')}-{seq}-{cap:g}.json"
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--model", str(model), "--out", str(out)]
     for flag in ("batch", "steps", "warmup", "examples", "padded_batch", "loraflow_mode", "plain_mode", "unsloth_mode"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    cmd += ["--seq", str(seq)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd += ["--seq", str(seq), "--cap-gb", str(cap), "--ballast-gb", str(ballast)]
+    timeout = args.length_timeout or None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out.with_suffix(".log").write_text(str(e.stdout or "") + str(e.stderr or ""))
+        print(f"  {variant} seq {seq}: not finished in {timeout:g} s", flush=True)
+        return Result(variant, seq, error=f"not finished in {timeout:g} s", cap_gb=cap or None)
     out.with_suffix(".log").write_text(proc.stdout + proc.stderr)
     if not out.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return Result(variant, seq, error=f"worker exited {proc.returncode}: " + " | ".join(tail))
+        return Result(variant, seq, error=f"worker exited {proc.returncode}: " + " | ".join(tail), cap_gb=cap or None)
     result = Result(**json.loads(out.read_text()))
     status = result.error or f"{result.tokens_per_s:,.0f} real tok/s, peak {result.peak_gb:.1f} GB"
-    print(f"  {variant} seq {seq}: {status}", flush=True)
+    print(f"  {variant} seq {seq}{f' (cap {cap:g} GB)' if cap else ''}: {status}", flush=True)
     return result
 
 
@@ -304,18 +353,24 @@ def table(results: list[Result]) -> str:
 
 
 def long_table(results: list[Result], budgets: list[float], shown: list[int]) -> str:
+    """Per variant: tokens/s (peak GB) at the shown lengths, and per budget the longest length that
+    trained under that cap, with the first that did not."""
     variants = list(dict.fromkeys(r.variant for r in results))
     head = [f"tokens/s at {n // 1024}K" for n in shown] + [f"longest within {b:g} GB" for b in budgets]
     lines = ["| variant | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for v in variants:
-        runs = {r.batch: r for r in results if r.variant == v}
+        runs = [r for r in results if r.variant == v]
         cells = []
         for n in shown:
-            r = runs.get(n)
-            cells.append("-" if r is None else r.error or f"{r.tokens_per_s:,.0f} ({r.reserved_gb:.1f} GB)")
+            r = next((r for r in runs if r.batch == n), None)
+            cells.append("-" if r is None else r.error or f"{r.tokens_per_s:,.0f} ({r.peak_gb:.1f} GB)")
         for b in budgets:
-            fits = [n for n, r in runs.items() if r.error is None and (math.isnan(r.reserved_gb) or r.reserved_gb <= b)]
-            cells.append(f"{max(fits):,}" if fits else "none")
+            fits = [r for r in runs if r.error is None and (r.cap_gb or math.inf) <= b]
+            failed = [r for r in runs if r.error is not None and r.cap_gb == b]
+            cell = f"{max(r.batch for r in fits):,}" if fits else "none"
+            if failed:
+                cell += f" ({failed[0].error.split(':')[0]} at {failed[0].batch:,})"
+            cells.append(cell)
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -336,13 +391,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--long-context", action="store_true", help="longest trainable sequence and tokens/s at 8K-32K")
     ap.add_argument("--long-variants", nargs="+", default=LONG_VARIANTS)
     ap.add_argument("--lengths", type=int, nargs="+", default=LENGTHS, help="sequence lengths of --long-context")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[24, 80], help="GB budgets of --long-context")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[24, 80], help="GB caps of --long-context")
+    ap.add_argument("--length-timeout", type=float, default=0, help="seconds a --long-context length may take (0: any)")
+    ap.add_argument("--emulate-layers", type=int, default=0, help="--long-context: emulate this many layers")
     ap.add_argument("--workdir", type=Path, help="keep the 4-bit checkpoint here between runs (default: a temp dir)")
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--cap-gb", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--ballast-gb", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args)
@@ -361,13 +420,21 @@ def main(argv: list[str] | None = None) -> dict:
         logs = folder / "logs"
         logs.mkdir(exist_ok=True)
         if args.long_context:
+            ballast = ballast_gb(model, args.shape, args.emulate_layers) if args.emulate_layers else 0.0
             for variant in args.long_variants:
-                for n in sorted(args.lengths):
-                    r = spawn(variant, model, args, logs, seq=n)
-                    results.append(r)
-                    if r.error is not None or r.reserved_gb > max(args.budgets):
-                        break  # a longer sequence needs more memory still
+                trained = 0  # the longest length trained so far: it fits any larger cap too
+                for cap in sorted(args.budgets):
+                    for n in (n for n in sorted(args.lengths) if n > trained):
+                        r = spawn(variant, model, args, logs, seq=n, cap=cap, ballast=ballast)
+                        results.append(r)
+                        if r.error is not None:
+                            break  # a longer sequence needs more memory (or time) still
+                        trained = n
+                    if results[-1].error is not None and results[-1].error.startswith("not finished"):
+                        break  # a larger cap does not make it faster
             header = f"shape={args.shape} long context, steps={args.warmup}+{args.steps} on {gpu}"
+            if ballast:
+                header += f"; ballast {ballast:.2f} GB: a {args.emulate_layers}-layer model's GPU memory"
             shown = [n for n in (8192, 16384, 32768) if n in args.lengths]
             text = long_table(results, args.budgets, shown)
         else:

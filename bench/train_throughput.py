@@ -20,7 +20,8 @@ every layer on the same random token batches from the same seed:
             (every non-quantized weight upcast to fp32) with gradient checkpointing; `bf16-ckpt`
             and `bf16` keep them in bf16, with and without checkpointing
   unsloth   FastLanguageModel with its offloaded checkpointing (`offload`), plain checkpointing
-            (`ckpt`) or none (`none`)
+            (`ckpt`) or none (`none`); `+tiled` loads it with ``unsloth_tiled_mlp=True`` (its
+            sequence-tiled MLP for long context)
   loraflow  the train stage's own code (tasks/train.py `prepare_for_training`, loraflow/ml/loss.py
             `token_loss_sum`) in each memory profile (`fast`, `balanced`, `lean`), optionally
             with Liger's fused RMSNorm/SwiGLU/RoPE (`+liger`) or compiled decoder layers (`+compile`);
@@ -32,7 +33,9 @@ every layer on the same random token batches from the same seed:
             backward pass starts instead of during the backward pass of the layer after it,
             `+expandable` runs with PyTorch's expandable_segments allocator setting,
             `+chunkN` computes the output head N labelled tokens at a time instead of the
-            profile's ``loss_chunk_tokens`` (to measure a profile change before making it)
+            profile's ``loss_chunk_tokens`` (to measure a profile change before making it),
+            `+tileN` runs the MLPs in tiles of N tokens above the profile's ``mlp_tile_above``
+            (`+tile0`: never tiled; loraflow/ml/memory.py ``tile_mlps``)
 
 With --gpus N every loraflow variant runs a second time as ``<variant>@ddpN``: the script launches
 torchrun with N ranks itself (``python -m torch.distributed.run --nproc-per-node N --standalone``),
@@ -78,6 +81,10 @@ SHAPES = {
     "1b": (2048, 8192, 16, 32, 8, 128256),  # Llama-3.2-1B
     "3b": (3072, 8192, 28, 24, 8, 128256),  # Llama-3.2-3B
     "8b": (4096, 14336, 32, 32, 8, 128256),  # Llama-3-8B
+    # 4 of Llama-3-8B's layers: where both systems keep one layer's activations on the GPU at a time
+    # (layer inputs offloaded), its per-token memory is the 8B shape's at an eighth of the time
+    # (bench/packing_throughput.py --long-context --emulate-layers 32)
+    "8b-4l": (4096, 14336, 4, 32, 8, 128256),
     "13b": (5120, 13824, 40, 40, 40, 32000),  # Llama-2-13B
     "34b": (8192, 22016, 48, 64, 8, 32000),  # CodeLlama-34B
     "70b": (8192, 28672, 80, 64, 8, 128256),  # Llama-3-70B
@@ -103,6 +110,7 @@ class Result:
     reserved_gb: float = float("nan")  # max reserved by the caching allocator
     losses: list[float] = field(default_factory=list)
     error: str | None = None  # "OOM", "not importable: ...", or the failure
+    cap_gb: float | None = None  # the memory cap it ran under (bench/packing_throughput.py --long-context)
 
 
 def llama_config(shape: str):
@@ -209,9 +217,17 @@ def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = N
     if engine == "unsloth":
         from unsloth import FastLanguageModel
 
+        mode, *extras = mode.split("+")
         model, _ = FastLanguageModel.from_pretrained(
-            model_name=str(path), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True
+            model_name=str(path),
+            max_seq_length=seq,
+            dtype=torch.bfloat16,
+            load_in_4bit=True,
+            unsloth_tiled_mlp="tiled" in extras,
         )
+        tiled = [m for m in model.modules() if getattr(m.forward, "__name__", "").startswith("tiled_forward")]
+        if ("tiled" in extras) != bool(tiled):
+            raise RuntimeError(f"Unsloth tiled {len(tiled)} MLPs, mode {mode}+{'+'.join(extras)}")
         model = FastLanguageModel.get_peft_model(
             model,
             r=16,
@@ -272,6 +288,9 @@ def prepare(engine: str, mode: str, path: Path, seq: int, device: str | None = N
         distributed.shard(model, world)
     lora4bit.DIRECT_DEQUANTIZE = "bnbops" not in extras
     memory.PREFETCH = "noprefetch" not in extras
+    tiles = [int(e.removeprefix("tile")) for e in extras if e.startswith("tile") and e[4:].isdigit()]
+    if tiles:
+        memory.tile_mlps(model, tiles[-1], memory.PROFILES[profile].mlp_tile_above)
     chunk = loss_chunk(profile, extras)
     autocast = "autocast" in extras  # peft's forward, LoRA in bf16 (with +peft)
 

@@ -141,9 +141,12 @@ def test_packing_throughput_long_context_small():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     args = ["--shape", "tiny", "--long-context", "--long-variants", "loraflow:long", "--lengths", "32", "64"]
-    summary = module.main([*args, "--steps", "1", "--warmup", "1", "--loraflow-mode", "lean", "--budgets", "1"])
-    assert [(r["variant"], r["batch"]) for r in summary["results"]] == [("loraflow:long", 32), ("loraflow:long", 64)]
+    steps = ["--steps", "1", "--warmup", "1", "--loraflow-mode", "lean", "--budgets", "2", "1", "--emulate-layers", "4"]
+    summary = module.main([*args, *steps])
+    # both lengths under the smaller cap (the CPU caps nothing), so the larger cap has no longer one to try
+    assert [(r["batch"], r["cap_gb"]) for r in summary["results"]] == [(32, 1.0), (64, 1.0)]
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in summary["results"])
+    assert "ballast" in summary["header"]  # the 2 missing layers of a 4-layer tiny model: their 4-bit weights and LoRA
 
 
 @pytest.mark.slow

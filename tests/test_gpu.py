@@ -72,6 +72,18 @@ def test_memory_profiles_and_compile_give_the_same_curve_on_cuda(tiny_model_dir,
     assert other == pytest.approx(reference, rel=2e-3)  # bf16 compute: kernels may round differently
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_tiled_mlps_under_offloaded_layers_on_cuda(tiny_quantized, dropout):
+    """``lean`` on CUDA (layer inputs through pinned memory on a side stream) with 7-token MLP tiles:
+    the loss and gradients of the same tiles computed with every activation kept (so the same dropout masks)."""
+    from tests.ml.test_memory import loss_and_grads, max_rel_error
+
+    ref_loss, ref = loss_and_grads(tiny_quantized.path, "lean", 7, dropout=dropout, loop=True, device="cuda:0")
+    loss, grads = loss_and_grads(tiny_quantized.path, "lean", 7, dropout=dropout, device="cuda:0")
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert max_rel_error(grads, ref) < 1e-4
+
+
 def test_fused_lora_layers_compute_what_peft_computes_on_cuda(tiny_quantized):
     """The fused LoRA-on-4-bit operator (loraflow/ml/lora4bit.py) on the CUDA kernels of bitsandbytes:
     peft's loss and gradients, the model computing in fp32."""

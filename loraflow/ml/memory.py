@@ -3,7 +3,8 @@
     fast      keep every activation; no recomputation (the most memory, the most tokens/s)
     balanced  keep only each decoder layer's input and recompute the layer in the backward pass
     lean      as balanced, with the layer inputs moved to pinned host memory until the backward
-              pass needs them, and a smaller output-head chunk
+              pass needs them, a smaller output-head chunk, and on long micro-batches each MLP run
+              in tiles of tokens (``tile_mlps``)
 
 All three compute the same function: the loss curves agree (tests/stages/test_train.py). The peak each
 reaches on a GPU, and its cost in tokens/s, is in docs/benchmarks.md.
@@ -11,6 +12,7 @@ reaches on a GPU, and its cost in tokens/s, is in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,14 +28,17 @@ MemoryProfile = Literal["fast", "balanced", "lean"]
 class ProfileSettings:
     recompute: Literal["none", "layer", "layer_offload"]
     loss_chunk_tokens: int  # output-head chunk of loraflow.ml.loss.token_loss_sum
+    mlp_tile_tokens: int = 0  # tile of ``tile_mlps`` (0: MLPs never tiled) ...
+    mlp_tile_above: int = 0  # ... for micro-batches of more tokens than this
 
 
 PROFILES: dict[str, ProfileSettings] = {
     "fast": ProfileSettings("none", 2048),
     "balanced": ProfileSettings("layer", 2048),
-    # 512: on the 8B shape's instruction-length mix, 0.4 GB less peak than 1024 at 0.998x the tokens/s
-    # (docs/benchmarks.md, issue 16)
-    "lean": ProfileSettings("layer_offload", 512),
+    # 512: on the 8B shape's instruction-length mix, 0.4 GB less peak than 1024 at 0.998x the tokens/s.
+    # MLP tiles only above 16K tokens: a tiled MLP runs its forward once more, which costs tokens/s
+    # where the memory is not needed (docs/benchmarks.md, issue 16)
+    "lean": ProfileSettings("layer_offload", 512, mlp_tile_tokens=4096, mlp_tile_above=16384),
 }
 
 
@@ -151,3 +156,93 @@ def _take_input(ctx) -> torch.Tensor:
     compute.wait_event(copied)
     hidden.record_stream(compute)  # allocated on the side stream, used and freed on this one
     return hidden
+
+
+def tile_mlps(model: torch.nn.Module, tokens: int, above: int) -> int:
+    """Run each decoder layer's MLP in tiles of ``tokens`` tokens on micro-batches of more than ``above``.
+
+    An MLP acts on each token alone, so it can run on a long sequence a tile at a time: the forward
+    pass keeps only the MLP's input, and the backward pass recomputes and backpropagates one tile
+    after another. Its intermediate activations (three of the intermediate size per token, 3.5x the
+    hidden size on Llama-3-8B) then exist for one tile, not for the whole sequence, at the cost of one
+    more forward pass of the MLP. Call it on the LoRA-wrapped model (it wraps each MLP's forward as it
+    is then, the fused LoRA groups included); ``tokens=0`` takes the tiling off again. Returns the
+    number of MLPs (the ``mlp`` of each decoder layer; a layer without one is left as it is).
+    """
+    n = 0
+    for name, module in model.named_modules():
+        if not name.endswith(".mlp") or not isinstance(module, torch.nn.Module):
+            continue
+        untiled = module.__dict__.pop("_loraflow_untiled", None)
+        if untiled is not None:  # tiled before: its own forward back first
+            if untiled == types.MethodType(type(module).forward, module):
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = untiled
+        if tokens > 0:
+            module._loraflow_untiled = module.forward
+            module._loraflow_tile = (tokens, above)
+            module.forward = types.MethodType(_tiled_mlp_forward, module)
+        n += 1
+    return n
+
+
+def _tiled_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    tokens, above = self._loraflow_tile
+    if x.shape[:-1].numel() <= above:
+        return self._loraflow_untiled(x)
+    return _run_tiled(self, x, tokens)
+
+
+@torch.compiler.disable  # a loop of backward passes inside a backward pass: eager, a graph break in a compiled layer
+def _run_tiled(mlp: torch.nn.Module, x: torch.Tensor, tokens: int) -> torch.Tensor:
+    dropout = mlp.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in mlp.modules())
+    return _TiledMLP.apply(mlp._loraflow_untiled, tokens, dropout, x)
+
+
+class _TiledMLP(torch.autograd.Function):
+    """An MLP over a micro-batch a tile of tokens at a time, keeping only its input for the backward pass.
+
+    Backward replays each tile with the RNG state of the forward pass (LoRA dropout draws the same
+    masks: the tiles run in the same order) and the same autocast state, and backpropagates it: the
+    adapter's gradients accumulate tile by tile, the input's gradient is filled a tile at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, forward, tokens, dropout, x):  # type: ignore[override]
+        ctx.forward, ctx.tokens, ctx.dropout = forward, tokens, dropout
+        kind = x.device.type
+        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        ctx.devices = [x.device] if x.is_cuda else []
+        if dropout:
+            ctx.cpu_rng = torch.get_rng_state()
+            ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.save_for_backward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = None
+        for start in range(0, flat.shape[0], tokens):
+            y = forward(flat[start : start + tokens].unsqueeze(0)).squeeze(0)
+            if out is None:
+                out = y.new_empty(flat.shape[0], y.shape[-1])
+            out[start : start + y.shape[0]] = y
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        flat = x.detach().reshape(-1, x.shape[-1])
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = torch.empty_like(flat)
+        kind, dtype, enabled = ctx.autocast
+        with torch.random.fork_rng(devices=ctx.devices, enabled=ctx.dropout), torch.autocast(kind, dtype, enabled):
+            if ctx.dropout:
+                torch.set_rng_state(ctx.cpu_rng)
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, ctx.devices[0])
+            for start in range(0, flat.shape[0], ctx.tokens):
+                tile = flat[start : start + ctx.tokens].unsqueeze(0).requires_grad_(True)
+                with torch.enable_grad():
+                    y = ctx.forward(tile)
+                torch.autograd.backward(y, grad_flat[start : start + ctx.tokens].unsqueeze(0))
+                grad_x[start : start + tile.shape[1]] = tile.grad[0]
+        return None, None, None, grad_x.view_as(x)

@@ -26,7 +26,7 @@ from loraflow.ml.batching import collate, collate_packed, micro_batches, packed_
 from loraflow.ml.distributed import World, is_sharded
 from loraflow.ml.lora4bit import fuse_lora_4bit
 from loraflow.ml.loss import token_loss_sum
-from loraflow.ml.memory import PROFILES, MemoryProfile, apply_profile
+from loraflow.ml.memory import PROFILES, MemoryProfile, apply_profile, tile_mlps
 from loraflow.ml.prompts import IGNORE_INDEX, Encoded
 from loraflow.tracking import NULL_TRACKER, Tracker
 
@@ -64,6 +64,9 @@ def prepare_for_training(
     peft_model = get_peft_model(model, peft_config(lora))
     if fused:
         fuse_lora_4bit(peft_model)
+    settings = PROFILES[profile]
+    if settings.mlp_tile_tokens:  # around the MLPs' forward as it is now: LoRA and its fused groups inside
+        tile_mlps(peft_model, settings.mlp_tile_tokens, settings.mlp_tile_above)
     if compile == "on" or (compile == "auto" and torch.device(device or model.device).type == "cuda"):
         for layer in model.get_decoder().layers:
             layer.compile()

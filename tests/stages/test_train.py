@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraflow.errors import DataError
+from loraflow.ml.memory import PROFILES
 from loraflow.records import Adapter
 from tasks.train import train
 from tests.conftest import (
@@ -134,6 +136,18 @@ def test_equivalent_settings_give_the_same_curve(trained, tiny_quantized, tiny_d
     other = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "run")
     # bf16 compute: compiled kernels keep fused intermediates in fp32, eager ones round each to bf16
     rel = 1e-3 if update.get("compile") == "on" else 1e-4
+    assert loss_curve(other) == pytest.approx(loss_curve(trained)[:5], rel=rel)
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_tiled_mlps_give_the_same_curve(trained, tiny_quantized, tiny_data, tmp_path, monkeypatch, compile) -> None:
+    """``lean`` with every MLP run in 5-token tiles (the profile tiles only long micro-batches), eager and
+    in compiled layers (the tiles are a graph break there), trains what the untiled run trains."""
+    monkeypatch.setitem(PROFILES, "lean", dataclasses.replace(PROFILES["lean"], mlp_tile_tokens=5, mlp_tile_above=0))
+    update = {"max_steps": 5, "checkpoint_every": None, "memory_profile": "lean", "compile": compile}
+    cfg = TRAIN.model_copy(update=update)
+    other = train(tiny_quantized, tiny_data, LORA, cfg, tmp_path / "run")
+    rel = 1e-3 if compile == "on" else 1e-4
     assert loss_curve(other) == pytest.approx(loss_curve(trained)[:5], rel=rel)
 
 
