@@ -50,7 +50,7 @@ labelled, random ids) in a process of its own, in increasing order, under a hard
 --budgets GB in turn (``torch.cuda.set_per_process_memory_fraction``: the caching allocator may hold
 no more, as on a card of that size; GB are 10^9 bytes, and the CUDA context is not counted), until a
 length runs out of memory under the cap; the next budget goes on from that length. A length that
-does not finish within --length-timeout seconds ends the variant's sweep. It reports tokens/s at 8K,
+fails otherwise, or does not finish within --length-timeout seconds, ends the variant's sweep. It reports tokens/s at 8K,
 16K and 32K and the longest length that trained within each budget.
 
 With --emulate-layers L on a shape of fewer layers (``8b-4l``: four layers of the 8B shape), each
@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
                         if r.error is not None:
                             break  # a longer sequence needs more memory (or time) still
                         trained = n
-                    if results[-1].error is not None and results[-1].error.startswith("not finished"):
-                        break  # a larger cap does not make it faster
+                    if results[-1].error not in (None, "OOM"):
+                        break  # too slow, or failing: a larger cap changes neither
             header = f"shape={args.shape} long context, steps={args.warmup}+{args.steps} on {gpu}"
             if ballast:
                 header += f"; ballast {ballast:.2f} GB: a {args.emulate_layers}-layer model's GPU memory"
