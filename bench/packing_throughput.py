@@ -50,8 +50,8 @@ labelled, random ids) in a process of its own, in increasing order, under a hard
 --budgets GB in turn (``torch.cuda.set_per_process_memory_fraction``: the caching allocator may hold
 no more, as on a card of that size; GB are 10^9 bytes, and the CUDA context is not counted), until a
 length runs out of memory under the cap; the next budget goes on from that length. A length that
-fails otherwise, or does not finish within --length-timeout seconds, ends the variant's sweep. It reports tokens/s at 8K,
-16K and 32K and the longest length that trained within each budget.
+fails otherwise, or does not finish within --length-timeout seconds, ends the variant's sweep. It
+reports tokens/s at 8K, 16K and 32K and the longest length that trained within each budget.
 
 With --emulate-layers L on a shape of fewer layers (``8b-4l``: four layers of the 8B shape), each
 process first allocates a ballast of what the missing layers would hold on the GPU (their 4-bit

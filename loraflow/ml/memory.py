@@ -35,10 +35,11 @@ class ProfileSettings:
 PROFILES: dict[str, ProfileSettings] = {
     "fast": ProfileSettings("none", 2048),
     "balanced": ProfileSettings("layer", 2048),
-    # 512: on the 8B shape's instruction-length mix, 0.4 GB less peak than 1024 at 0.998x the tokens/s.
-    # MLP tiles only above 16K tokens: a tiled MLP runs its forward once more, which costs tokens/s
-    # where the memory is not needed (docs/benchmarks.md, issue 16)
-    "lean": ProfileSettings("layer_offload", 512, mlp_tile_tokens=4096, mlp_tile_above=16384),
+    # 512: on the 8B shape, 0.4 GB less peak than 1024 at 1.00x the tokens/s (full rows and the
+    # instruction-length mix). MLP tiles only above 64K tokens: tiled, a 32K sequence ran at 0.84x
+    # for 2.2 GB less, and untiled the 8B shape trains 64K tokens within 24 GB (docs/benchmarks.md,
+    # issue 16)
+    "lean": ProfileSettings("layer_offload", 512, mlp_tile_tokens=4096, mlp_tile_above=65536),
 }
 
 
