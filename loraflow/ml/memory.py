@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 import torch.utils.checkpoint
 
+from loraflow.errors import UsageError
+
 MemoryProfile = Literal["fast", "balanced", "lean"]
 
 
@@ -168,11 +170,13 @@ def tile_mlps(model: torch.nn.Module, tokens: int, above: int) -> int:
     hidden size on Llama-3-8B) then exist for one tile, not for the whole sequence, at the cost of one
     more forward pass of the MLP. Call it on the LoRA-wrapped model (it wraps each MLP's forward as it
     is then, the fused LoRA groups included); ``tokens=0`` takes the tiling off again. Returns the
-    number of MLPs (the ``mlp`` of each decoder layer; a layer without one is left as it is).
+    number of MLPs: the ``mlp`` of each decoder layer (``...layers.N.mlp``); a layer without one is
+    left as it is.
     """
     n = 0
     for name, module in model.named_modules():
-        if not name.endswith(".mlp") or not isinstance(module, torch.nn.Module):
+        parts = name.split(".")
+        if len(parts) < 3 or parts[-1] != "mlp" or parts[-3] != "layers" or not parts[-2].isdigit():
             continue
         untiled = module.__dict__.pop("_loraflow_untiled", None)
         if untiled is not None:  # tiled before: its own forward back first
@@ -188,10 +192,10 @@ def tile_mlps(model: torch.nn.Module, tokens: int, above: int) -> int:
     return n
 
 
-def _tiled_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _tiled_mlp_forward(self: torch.nn.Module, x: torch.Tensor, *args, **kwargs):
     tokens, above = self._loraflow_tile
-    if x.shape[:-1].numel() <= above:
-        return self._loraflow_untiled(x)
+    if args or kwargs or x.shape[:-1].numel() <= above:  # short, or not a one-input MLP: as it was
+        return self._loraflow_untiled(x, *args, **kwargs)
     return _run_tiled(self, x, tokens)
 
 
@@ -222,7 +226,14 @@ class _TiledMLP(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])
         out = None
         for start in range(0, flat.shape[0], tokens):
-            y = forward(flat[start : start + tokens].unsqueeze(0)).squeeze(0)
+            y = forward(flat[start : start + tokens].unsqueeze(0))
+            if not isinstance(y, torch.Tensor):  # e.g. a mixture of experts that also returns router logits
+                raise UsageError(
+                    f"train.memory_profile='lean' tiles each MLP above {tokens} tokens, but this model's MLP "
+                    f"returns {type(y).__name__}, not one tensor: use train.memory_profile='balanced', or "
+                    "shorter sequences"
+                )
+            y = y.squeeze(0)
             if out is None:
                 out = y.new_empty(flat.shape[0], y.shape[-1])
             out[start : start + y.shape[0]] = y

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraflow.errors import UsageError
 from loraflow.ml.loss import token_loss_sum
 from loraflow.ml.memory import _TiledMLP, tile_mlps
 from loraflow.ml.models import load_quantized
@@ -88,3 +89,25 @@ def test_short_micro_batches_are_not_tiled_and_tiling_comes_off(tiny_quantized) 
     tile_mlps(model, 0, 0)
     assert mlp.forward == own and "_loraflow_untiled" not in mlp.__dict__
     assert torch.equal(mlp(x), own(x))
+
+
+def test_an_mlp_that_returns_more_than_a_tensor_is_refused_with_the_way_out() -> None:
+    """A mixture of experts that also returns router logits cannot be put back together from tiles."""
+
+    class RouterMLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.up(x), x.sum(-1)
+
+    layer = torch.nn.Module()
+    layer.mlp = RouterMLP()
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([layer])
+    assert tile_mlps(model, 2, 3) == 1
+    x = torch.randn(1, 3, 4)
+    assert isinstance(model.layers[0].mlp(x), tuple)  # short: as it was
+    with pytest.raises(UsageError, match="returns tuple, not one tensor: use train.memory_profile='balanced'"):
+        model.layers[0].mlp(torch.randn(1, 4, 4))

@@ -11,6 +11,7 @@ resumes on 1, and one written by 1 process resumes on 2 FSDP ranks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from loraflow.ml.batching import collate_packed, packed_micro_batches
 from loraflow.ml.distributed import RANK_PEAK_MEMORY_GB, RANK_TOKENS_PER_S, World
 from loraflow.ml.examples import encode_all
 from loraflow.ml.loss import token_loss_sum
+from loraflow.ml.memory import PROFILES
 from loraflow.ml.models import load_quantized
 from loraflow.ml.training import prepare_for_training
 from loraflow.records import Adapter, load_record
@@ -270,18 +272,24 @@ SHARDED_CASES = {  # fused, memory profile, packed rows, compile
     "fused": (True, "balanced", False, "off"),
     "peft": (False, "balanced", False, "off"),
     "lean": (True, "lean", False, "off"),
+    "tiled": (True, "lean", False, "off"),  # every MLP in 5-token tiles (the profile tiles only long rows)
     "packed": (True, "fast", True, "off"),
     "compiled": (True, "balanced", False, "on"),
 }
 
 
 @pytest.mark.parametrize("case", SHARDED_CASES)
-def test_sharded_4bit_model_computes_what_the_whole_one_computes(tiny_quantized, tok, tmp_path, case) -> None:
+def test_sharded_4bit_model_computes_what_the_whole_one_computes(
+    tiny_quantized, tok, tmp_path, monkeypatch, case
+) -> None:
     """One rank cuts nothing, yet every weight goes the FSDP way: DTensor, all-gather before each layer's forward
     and backward, freed after, bitsandbytes' quant_state re-attached to the gathered 4-bit weight. Loss and
     gradients must equal the unsharded model's bit for bit, twice (the second time from freed, re-gathered weights),
     through the fused LoRA operator and peft's own layers, with recomputed or offloaded layers, on packed rows,
-    and with compiled layers, which must compile without a graph break (loraflow/ml/lora4bit.py)."""
+    with tiled MLPs, and with compiled layers, which must compile without a graph break (loraflow/ml/lora4bit.py)."""
+    if case == "tiled":
+        tiled = dataclasses.replace(PROFILES["lean"], mlp_tile_tokens=5, mlp_tile_above=0)
+        monkeypatch.setitem(PROFILES, "lean", tiled)
     with one_rank(tmp_path / "store") as world:
         sharded_vs_whole(world, tiny_quantized, tok, *SHARDED_CASES[case])
 
