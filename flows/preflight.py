@@ -29,8 +29,6 @@ GGUF_TO_FP32 = 8
 # (fp32 by default), the 4-bit checkpoint, checkpoints and the run's files, as multiples of the
 # fp32 base, plus a fixed margin.
 DISK_FACTOR, DISK_MARGIN = 2.5, 512 * 2**20
-# With no contract to give a size limit, the file's other checks still run; its size waits for one.
-MAX_BYTES_UNKNOWN_CONTRACT = 2**63
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,8 @@ def _data(config: PipelineConfig) -> list[Problem]:
             Path(config.data.path),
             config.data.format,
             config.data.allowed_roots,
-            int(limits["max_file_mb"] * 2**20) if limits else MAX_BYTES_UNKNOWN_CONTRACT,
+            # with no contract to give a size limit, the file's other checks still run; its size waits for one
+            int(limits["max_file_mb"] * 2**20) if limits else None,
             limits.get("accepted"),
         )
     except LoraflowError as e:

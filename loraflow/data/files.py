@@ -73,9 +73,12 @@ def _human(n: float) -> str:
 
 
 def check_source(
-    path: Path, fmt: str, allowed_roots: list[str] | None, max_bytes: int, accepted: list[str] | None = None
+    path: Path, fmt: str, allowed_roots: list[str] | None, max_bytes: int | None, accepted: list[str] | None = None
 ) -> tuple[Path, str]:
-    """Refuse a path before reading it; return the resolved path and its format."""
+    """Refuse a path before reading it; return the resolved path and its format.
+
+    ``max_bytes`` None: no size limit to check yet (preflight with a contract it could not read).
+    """
     source = check_inside_roots(path, allowed_roots, what="dataset file", kind="data", setting="data.allowed_roots")
     try:
         st = source.stat()
@@ -99,7 +102,7 @@ def check_source(
         )
     if st.st_size == 0:
         raise DataError(f"dataset file {source} is empty (0 bytes); it needs at least a few rows (see the contract)")
-    if st.st_size > max_bytes:
+    if max_bytes is not None and st.st_size > max_bytes:
         raise DataError(
             f"dataset file {source} is {_human(st.st_size)}, over the contract's limit of {_human(max_bytes)} "
             f"(format.max_file_mb in contract.yaml); split it into smaller shards, or raise the limit in a new "
