@@ -111,3 +111,21 @@ def test_an_mlp_that_returns_more_than_a_tensor_is_refused_with_the_way_out() ->
     assert isinstance(model.layers[0].mlp(x), tuple)  # short: as it was
     with pytest.raises(UsageError, match="returns tuple, not one tensor: use train.memory_profile='balanced'"):
         model.layers[0].mlp(torch.randn(1, 4, 4))
+
+
+def test_untiled_micro_batches_compile_without_a_graph_break(tiny_quantized) -> None:
+    """Below ``above`` the wrapper is traced into the compiled layer: full rows keep one graph per layer."""
+    from torch._dynamo.utils import counters
+
+    def graph_breaks(tiles: int) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = prepare_for_training(load_quantized(tiny_quantized.path), LORA, "lean", "on")
+        tile_mlps(model, tiles, above=1000)
+        ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+        loss_sum, n = token_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        (loss_sum / n).backward()
+        return sum(counters["graph_break"].values())
+
+    assert graph_breaks(4) == graph_breaks(0)
