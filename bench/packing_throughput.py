@@ -243,16 +243,10 @@ def run_long(variant: str, path: Path, args) -> Result:
 
 def ballast_gb(model: Path, shape: str, layers: int) -> float:
     """What the ``layers - shape's layers`` missing decoder layers would hold on the GPU (see the docstring)."""
-    import struct
+    from loraflow.ml.models import checkpoint_bytes
 
     hidden, inter, have, heads, kv, _ = tt.SHAPES[shape]
-    weights = 0
-    for f in model.glob("*.safetensors"):
-        with f.open("rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        weights += sum(
-            v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k.startswith("model.layers.")
-        )
+    weights = checkpoint_bytes(model, "model.layers.")
     kv_out = kv * hidden // heads
     dims = [(hidden, hidden), (hidden, kv_out), (hidden, kv_out), (hidden, hidden)] + [(hidden, inter)] * 2
     lora = 16 * sum(in_ + out for in_, out in [*dims, (inter, hidden)])  # r=16 on the seven projections

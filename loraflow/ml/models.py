@@ -256,12 +256,17 @@ def model_bytes(model: torch.nn.Module) -> int:
     return model.get_memory_footprint()
 
 
-def checkpoint_bytes(path: str | Path) -> int:
-    """Bytes of a safetensors checkpoint's tensors, read from headers only (no weights loaded)."""
+def checkpoint_bytes(path: str | Path, prefix: str = "") -> int:
+    """Bytes of a safetensors checkpoint's tensors (those whose names start with ``prefix``), read from
+    headers only (no weights loaded)."""
     total = 0
     for f in Path(path).glob("*.safetensors"):
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(n))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+        total += sum(
+            v["data_offsets"][1] - v["data_offsets"][0]
+            for k, v in header.items()
+            if k != "__metadata__" and k.startswith(prefix)
+        )
     return total

@@ -18,6 +18,7 @@ from loraflow.config import BaseModelConfig, QuantConfig
 from loraflow.errors import UsageError
 from loraflow.ml.loss import token_loss_sum
 from loraflow.ml.models import (
+    checkpoint_bytes,
     disable_cpu_weight_repacking,
     load_quantized,
     prepare_base,
@@ -272,3 +273,17 @@ def test_quant_storage_is_the_same_bytes_in_another_dtype(tiny_quantized, tok, d
     as_uint8, _ = bnb.functional.quantize_4bit(w, quant_type="nf4")
     as_dtype, _ = bnb.functional.quantize_4bit(w, quant_type="nf4", quant_storage=dtype)
     assert as_dtype.dtype == dtype and torch.equal(as_dtype.view(torch.uint8).view(-1), as_uint8.view(-1))
+
+
+def test_checkpoint_bytes_counts_the_tensors_a_prefix_names(tiny_quantized) -> None:
+    """From the headers alone: the decoder layers' share of the 4-bit checkpoint (bench/packing_throughput.py's
+    ballast) is what their loaded tensors hold, 4-bit weights and quantization constants included."""
+    from safetensors import safe_open
+
+    layers = checkpoint_bytes(tiny_quantized.path, "model.layers.")
+    loaded = 0
+    for f in Path(tiny_quantized.path).glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            names = [k for k in st.keys() if k.startswith("model.layers.")]  # noqa: SIM118 (a safe_open, not a dict)
+            loaded += sum(st.get_tensor(k).nbytes for k in names)
+    assert 0 < layers == loaded < checkpoint_bytes(tiny_quantized.path)
