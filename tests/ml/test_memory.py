@@ -117,15 +117,12 @@ def test_untiled_micro_batches_compile_without_a_graph_break(tiny_quantized) -> 
     """Below ``above`` the wrapper is traced into the compiled layer: full rows keep one graph per layer."""
     from torch._dynamo.utils import counters
 
-    def graph_breaks(tiles: int) -> int:
-        torch._dynamo.reset()
-        counters.clear()
-        torch.manual_seed(0)
-        model = prepare_for_training(load_quantized(tiny_quantized.path), LORA, "lean", "on")
-        tile_mlps(model, tiles, above=1000)
-        ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-        loss_sum, n = token_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-        (loss_sum / n).backward()
-        return sum(counters["graph_break"].values())
-
-    assert graph_breaks(4) == graph_breaks(0)
+    torch._dynamo.reset()
+    counters.clear()
+    model = prepare_for_training(load_quantized(tiny_quantized.path), LORA, "lean", "on")
+    tile_mlps(model, 4, above=1000)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    loss_sum, n = token_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    (loss_sum / n).backward()
+    assert counters["stats"]["unique_graphs"] > 0  # the layers did compile
+    assert dict(counters["graph_break"]) == {}  # (the untiled lean layers compile without one too)
