@@ -12,9 +12,10 @@ reaches on a GPU, and its cost in tokens/s, is in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import contextlib
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,6 +85,29 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return _streams[device]
 
 
+class _Replay:
+    """The RNG and autocast state a forward pass ran under, to run a part of it again in the backward pass
+    with the same dropout masks and the same precision."""
+
+    def __init__(self, x: torch.Tensor, rng: bool = True) -> None:
+        kind = x.device.type
+        self.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        self.devices = [x.device] if x.is_cuda else []
+        self.rng = rng
+        self.cpu_rng = torch.get_rng_state() if rng else None
+        self.cuda_rng = torch.cuda.get_rng_state(x.device) if rng and x.is_cuda else None
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        kind, dtype, enabled = self.autocast
+        with torch.random.fork_rng(devices=self.devices, enabled=self.rng), torch.autocast(kind, dtype, enabled):
+            if self.rng:
+                torch.set_rng_state(self.cpu_rng)
+                if self.cuda_rng is not None:
+                    torch.cuda.set_rng_state(self.cuda_rng, self.devices[0])
+            yield
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Checkpoint a layer and move its input to pinned host memory on a side stream.
 
@@ -97,12 +121,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function, hidden, *args):  # type: ignore[override]
         ctx.function, ctx.args, ctx.device = function, args, hidden.device
-        ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda = hidden.is_cuda
-        kind = hidden.device.type
-        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
-        if ctx.cuda:
-            ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device)
+        ctx.replay = _Replay(hidden)
         with torch.no_grad():
             out = function(hidden, *args)
         ctx.prefetched = None
@@ -128,12 +148,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             previous = ctx.previous() if ctx.previous else None
             if previous is not None and previous.host is not None and previous.prefetched is None:
                 _prefetch(previous)  # overlaps with this layer's replay and backward
-        devices = [ctx.device] if ctx.cuda else []
-        kind, dtype, enabled = ctx.autocast
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(kind, dtype, enabled):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda:
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+        with ctx.replay.replaying(), torch.enable_grad():
             out = ctx.function(hidden, *ctx.args)
         torch.autograd.backward(out, grad_out)
         return (None, hidden.grad) + (None,) * len(ctx.args)
@@ -215,13 +230,7 @@ class _TiledMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, forward, tokens, dropout, x):  # type: ignore[override]
-        ctx.forward, ctx.tokens, ctx.dropout = forward, tokens, dropout
-        kind = x.device.type
-        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
-        ctx.devices = [x.device] if x.is_cuda else []
-        if dropout:
-            ctx.cpu_rng = torch.get_rng_state()
-            ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.forward, ctx.tokens, ctx.replay = forward, tokens, _Replay(x, rng=dropout)
         ctx.save_for_backward(x)
         flat = x.reshape(-1, x.shape[-1])
         out = None
@@ -245,12 +254,7 @@ class _TiledMLP(torch.autograd.Function):
         flat = x.detach().reshape(-1, x.shape[-1])
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(flat)
-        kind, dtype, enabled = ctx.autocast
-        with torch.random.fork_rng(devices=ctx.devices, enabled=ctx.dropout), torch.autocast(kind, dtype, enabled):
-            if ctx.dropout:
-                torch.set_rng_state(ctx.cpu_rng)
-                if ctx.cuda_rng is not None:
-                    torch.cuda.set_rng_state(ctx.cuda_rng, ctx.devices[0])
+        with ctx.replay.replaying():
             for start in range(0, flat.shape[0], ctx.tokens):
                 tile = flat[start : start + ctx.tokens].unsqueeze(0).requires_grad_(True)
                 with torch.enable_grad():

@@ -68,7 +68,7 @@ def test_tiled_mlps_replay_the_dropout_masks_of_their_forward_pass(tiny_quantize
     assert untiled_loss != pytest.approx(loss, rel=1e-6)  # the masks do depend on the tiling
 
 
-def test_short_micro_batches_are_not_tiled_and_tiling_comes_off(tiny_quantized) -> None:
+def test_short_micro_batches_are_not_tiled_and_tiling_comes_off(tiny_quantized, monkeypatch) -> None:
     """At or under ``above`` tokens the MLP runs whole; ``tokens=0`` restores each MLP's own forward."""
     model = load_quantized(tiny_quantized.path, compute_dtype="float32")
     model = prepare_for_training(model, LORA, "balanced")
@@ -77,15 +77,13 @@ def test_short_micro_batches_are_not_tiled_and_tiling_comes_off(tiny_quantized) 
     tile_mlps(model, 4, above=48)
     calls = []
     apply = _TiledMLP.apply
-    _TiledMLP.apply = lambda *a: calls.append(a[-1].shape) or apply(*a)
-    try:
-        x = torch.randn(2, 24, model.config.hidden_size)
-        mlp(x)
-        assert calls == []
-        mlp(torch.randn(2, 25, model.config.hidden_size))
-        assert calls == [torch.Size([2, 25, model.config.hidden_size])]
-    finally:
-        _TiledMLP.apply = apply
+    monkeypatch.setattr(_TiledMLP, "apply", lambda *a: calls.append(a[-1].shape) or apply(*a))
+    x = torch.randn(2, 24, model.config.hidden_size)
+    mlp(x)
+    assert calls == []
+    mlp(torch.randn(2, 25, model.config.hidden_size))
+    assert calls == [torch.Size([2, 25, model.config.hidden_size])]
+    monkeypatch.undo()
     tile_mlps(model, 0, 0)
     assert mlp.forward == own and "_loraflow_untiled" not in mlp.__dict__
     assert torch.equal(mlp(x), own(x))
